@@ -1,0 +1,117 @@
+"""The dataset registry: what each dataset is, its options and its auto-shard policy.
+
+Entries are plain metadata (no TensorFlow import), so ``deeptrends datasets`` and config
+validation stay instant; ``load`` is a ``"module:function"`` reference imported only
+when the data is read. Add a dataset with ``register_dataset(DatasetEntry(...))``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SHARD_POLICIES = ("AUTO", "FILE", "DATA", "OFF")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset.
+
+    Attributes:
+        name: str. The name configs use as ``data.name``.
+        kind: str. What it feeds: ``image_classification``, ``translation``, ...
+        load: str. ``"module:function"`` that builds the splits (imported lazily).
+        description: str. One line for ``deeptrends datasets``.
+        options: dict. Dataset-specific ``data.*`` keys and their defaults.
+        shard_policy: str. tf.data auto-shard policy under multi-worker training:
+            ``DATA`` (every worker reads everything and keeps its share of elements,
+            right for small in-memory sets), ``FILE`` (workers split the files),
+            ``AUTO`` or ``OFF``.
+        source: str. Where the bytes come from.
+    """
+
+    name: str
+    kind: str
+    load: str
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)
+    shard_policy: str = "DATA"
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.shard_policy not in SHARD_POLICIES:
+            raise ValueError(
+                f"DatasetEntry {self.name!r}: shard_policy must be one of {SHARD_POLICIES}. "
+                f"Received: shard_policy={self.shard_policy!r}"
+            )
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(entry: DatasetEntry) -> DatasetEntry:
+    if entry.name in _DATASETS:
+        raise ValueError(f"Dataset name {entry.name!r} is already registered.")
+    _DATASETS[entry.name] = entry
+    return entry
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS)
+
+
+def get_dataset(name: str) -> DatasetEntry:
+    if name in _DATASETS:
+        return _DATASETS[name]
+    close = difflib.get_close_matches(name, list_datasets(), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise KeyError(f"Unknown dataset {name!r}.{hint} Registered datasets: {', '.join(list_datasets())}.")
+
+
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``options`` over the dataset's defaults; unknown keys are an error."""
+    entry = get_dataset(name)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        accepted = ", ".join(sorted(entry.options)) or "none"
+        raise ValueError(
+            f"data.{unknown[0]}: dataset {name!r} has no option {unknown[0]!r}. "
+            f"Its options: {accepted}."
+        )
+    return {**entry.options, **options}
+
+
+def source_root() -> Path | None:
+    """``$DEEPTRENDS_DATA_DIR``: the folder of real raw datasets (``mnist_test/``, ...)."""
+    root = os.environ.get("DEEPTRENDS_DATA_DIR")
+    return Path(root) if root else None
+
+
+def default_tfds_dir() -> str:
+    """Where TFDS builders write prepared data: ``$DEEPTRENDS_TFDS_DIR`` or TFDS' default."""
+    return os.environ.get("DEEPTRENDS_TFDS_DIR") or str(Path.home() / "tensorflow_datasets")
+
+
+register_dataset(
+    DatasetEntry(
+        name="digits",
+        kind="image_classification",
+        load="data.sources:load_digits",
+        description="scikit-learn's bundled 8x8 digits (1,797), seeded stratified 80/20 split; embedded default",
+        source="sklearn.datasets.load_digits (ships with scikit-learn)",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="mnist",
+        kind="image_classification",
+        load="data.sources:load_mnist",
+        description="MNIST: TFDS 'mnist' where prepared, else the official test set from "
+        "$DEEPTRENDS_DATA_DIR/mnist_test split 8,000/2,000 (seeded, stratified)",
+        options={"source": "auto"},
+        source="TFDS mnist, or idx files in $DEEPTRENDS_DATA_DIR/mnist_test",
+    )
+)

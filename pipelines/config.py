@@ -1,0 +1,274 @@
+"""Experiment configuration: YAML -> typed, validated ``ExperimentConfig`` (pydantic v2).
+
+A config names a task, a model (``{name, ...kwargs}`` passed straight to
+``models.create_model``), a dataset and the train/runtime/tracking/export settings.
+Shipped experiments live as YAML in ``pipelines/configs/``; ``load_config`` takes a
+registered name or a path, applies ``--set a.b=c`` overrides and validates the result.
+Every error names the field path, the bad value and what is accepted.
+
+This module imports neither TensorFlow nor MLflow.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(BaseModel):
+    """``name`` plus the builder's own keyword arguments (checked against its signature)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation, applied per batch."""
+
+    pad_crop: int = Field(0, ge=0, description="pixels of padding before a random crop back to size")
+    flip: bool = False
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="max rotation in degrees")
+    zoom: float = Field(0.0, ge=0.0, lt=1.0, description="max relative zoom in/out")
+
+
+class DataConfig(BaseModel):
+    """Which dataset and how it is fed. Dataset-specific options (``path``,
+    ``direction``...) are extra keys, checked against the dataset's declared options."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "digits"
+    dir: str | None = Field(None, description="TFDS data_dir; default $DEEPTRENDS_DATA_DIR-aware cache")
+    image_size: int | None = Field(None, gt=0, description="resize images to this square size")
+    channels: Literal[1, 3] | None = None
+    cache: bool = True
+    shuffle_buffer: int = Field(10_000, gt=0)
+    deterministic: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adam", "adamw", "sgd", "rmsprop", "nadam"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(0.999, ge=0.0, lt=1.0)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["constant", "cosine", "step", "exponential"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    decay_epochs: float | None = Field(None, gt=0.0, description="step/exponential: epochs per decay")
+    decay_rate: float = Field(0.1, gt=0.0, le=1.0)
+    alpha: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr as a fraction")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(32, gt=0, description="the global batch")
+    steps_per_epoch: int | None = Field(None, gt=0, description="cap steps per epoch (tiny budgets)")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    clipnorm: float | None = Field(None, gt=0.0)
+    global_clipnorm: float | None = Field(None, gt=0.0)
+    validation_freq: int = Field(1, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    tensorboard: bool = False
+    verbose: Literal[0, 1, 2] = 1
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class RuntimeConfig(_Section):
+    seed: int = 42
+    strategy: Literal["default", "one_device", "mirrored"] = "default"
+    devices: list[str] | None = Field(None, description="device list for one_device/mirrored")
+    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    jit_compile: bool = False
+    deterministic_ops: bool = False
+    work_dir: str = Field("runs", description="run directories: <work_dir>/<name>/<run_id>/")
+
+
+class GateConfig(_Section):
+    metric: str = "accuracy"
+    mode: Literal["max", "min"] = "max"
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str | None = Field(None, description="default: the config name")
+    run_name: str | None = None
+    registered_model: str | None = Field(None, description="default: the config name")
+    log_model: bool = Field(True, description="log and register the model (and gate it)")
+    gate: GateConfig = Field(default_factory=GateConfig)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class ExportConfig(_Section):
+    enabled: bool = True
+    serving_dir: str = "serving"
+    warmup_requests: int = Field(4, ge=0)
+    atol: float = Field(1e-5, gt=0.0, description="max |saved - keras| on the check batch")
+
+
+class ExperimentConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: Literal["classification"] = "classification"
+    description: str = ""
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def list_configs() -> list[str]:
+    """Names of the shipped experiments (``pipelines/configs/*.yaml``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"Invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            accepted = _accepted_keys(parent)
+            msg = f"unknown key. Accepted keys here: {', '.join(accepted)}"
+        elif e["type"] == "literal_error":
+            msg = msg.replace("Input should be", "accepted values are")
+        lines.append(f"  {path}: {msg} (got {value!r})")
+    return "\n".join(lines)
+
+
+def _accepted_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _parse_value(text: str) -> Any:
+    """``--set`` values are YAML scalars/lists: 3, 0.1, true, null, [1, 2], relu."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set value {text!r} is not valid YAML: {exc}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a raw config dict (validation happens afterwards)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name_or_path, list_configs(), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"Unknown config {name_or_path!r}: not a registered experiment nor a YAML file.{hint} "
+        f"Registered: {', '.join(list_configs())}."
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def validate_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a registered experiment or YAML file, apply overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate_config(raw, source=str(path) if path.parent != CONFIG_DIR else repr(path.stem))
