@@ -56,3 +56,196 @@ def classifier_head(
     if classifier_activation is not None:
         x = keras.layers.Activation(classifier_activation, dtype="float32", name=f"{name}_act")(x)
     return x
+
+
+# --- Blocks shared by the ImageNet CNN families (AlexNet, ZFNet, VGG, GoogLeNet, ResNet) ---
+
+BN_MOMENTUM = 0.9
+"""BatchNorm moving-average momentum. Keras' default 0.99 leaves the moving statistics
+unsettled after the few hundred steps of a short training run; 0.9 is torchvision's."""
+
+BN_EPSILON = 1.001e-5
+"""BatchNorm epsilon, as in ``keras.applications`` (so their weights transfer one-to-one)."""
+
+POOLINGS = (None, "avg", "max")
+
+
+def check_dropout(dropout: float, name: str = "dropout") -> None:
+    """Raise ``ValueError`` unless ``0 <= dropout < 1``."""
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not (0.0 <= dropout < 1.0)
+    ):
+        raise ValueError(f"`{name}` must be a float in [0, 1). Received: {name}={dropout!r}")
+
+
+def check_num_classes(num_classes: int, include_top: bool) -> None:
+    """Raise ``ValueError`` unless ``num_classes`` is a positive int (when there is a top)."""
+    if include_top and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(
+            f"`num_classes` must be a positive int when include_top=True. "
+            f"Received: num_classes={num_classes!r}"
+        )
+
+
+def check_image_shape(input_shape, min_size: int = 32, allow_none: bool = False) -> tuple:
+    """Validate an ``(H, W, C)`` image shape and return it as a tuple.
+
+    Args:
+        input_shape: tuple. The image shape, channels last.
+        min_size: int. The smallest height and width accepted.
+        allow_none: bool. Whether H and W may be None (fully convolutional models only).
+    """
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    ok = shape is not None and len(shape) == 3 and isinstance(shape[2], int) and shape[2] > 0
+    if ok:
+        for size in shape[:2]:
+            if size is None:
+                ok = ok and allow_none
+            else:
+                ok = ok and isinstance(size, int) and size >= min_size
+    if not ok:
+        spatial = f"H, W >= {min_size}" + (" (or None)" if allow_none else "")
+        raise ValueError(
+            f"`input_shape` must be (H, W, C) with {spatial} and C >= 1. "
+            f"Received: input_shape={input_shape!r}"
+        )
+    return shape
+
+
+def pool2d(x, pool_size: int, strides: int, name: str, kind: str = "max"):
+    """Max or average pooling with the ceil-mode rounding of cuda-convnet and Caffe.
+
+    ``padding="valid"`` when the window tiles the map exactly, ``"same"`` otherwise. For
+    the 3x3/2 windows of AlexNet, ZFNet and GoogLeNet ``"same"`` is exactly ceil-mode
+    pooling (one trailing row/column of padding on an even map), so ImageNet inputs get
+    the papers' map sizes (ZFNet 110 -> 55, 26 -> 13; GoogLeNet 112 -> 56 ...). It also
+    means a map smaller than the window is pooled to 1x1 instead of collapsing to 0x0,
+    which is how small inputs (32x32) pass through the ImageNet networks.
+
+    Args:
+        x: tensor. A rank-4 channels-last feature map.
+        pool_size: int. The pooling window.
+        strides: int. The pooling stride.
+        name: str. The layer name.
+        kind: str. ``max`` or ``avg``.
+    """
+    check_choice("kind", kind, ("max", "avg"))
+    sizes = x.shape[1:3]
+    exact = all(n is not None and n >= pool_size and (n - pool_size) % strides == 0 for n in sizes)
+    padding = "valid" if exact else "same"
+    layer = keras.layers.MaxPooling2D if kind == "max" else keras.layers.AveragePooling2D
+    return layer(pool_size, strides=strides, padding=padding, name=name)(x)
+
+
+def conv_bn_act(
+    x,
+    filters: int,
+    kernel_size: int,
+    name: str,
+    strides: int = 1,
+    padding: str = "same",
+    activation: str | None = "relu",
+    batch_norm: bool = False,
+    groups: int = 1,
+):
+    """Conv2D, then BatchNorm (optional), then the activation.
+
+    The convolution is named ``name``, the others ``{name}_bn`` and ``{name}_act``. The
+    convolution has a bias only without BatchNorm (BN's beta replaces it).
+
+    Args:
+        x: tensor. A rank-4 channels-last input.
+        filters: int. The number of output channels.
+        kernel_size: int. The side of the square kernel.
+        name: str. The name of the convolution layer.
+        strides: int. The convolution stride.
+        padding: str. ``same`` or ``valid``.
+        activation: str or None. See ``activation_layer``; None for a linear output.
+        batch_norm: bool. Whether to insert BatchNorm (Ioffe & Szegedy 2015) before the
+            activation.
+        groups: int. The number of channel groups (AlexNet's two-GPU layout uses 2).
+    """
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        groups=groups,
+        use_bias=not batch_norm,
+        kernel_initializer=conv_initializer(activation or "relu"),
+        name=name,
+    )(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(
+            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn"
+        )(x)
+    if activation is not None:
+        x = activation_layer(activation, f"{name}_act")(x)
+    return x
+
+
+def feature_pooling(x, pooling: str | None, name: str = "feature_pool"):
+    """What a headless (``include_top=False``) model returns: the map, or it pooled.
+
+    Args:
+        x: tensor. The final rank-4 feature map.
+        pooling: str or None. None keeps the map, ``avg``/``max`` pool it globally.
+        name: str. The pooling layer's name.
+    """
+    check_choice("pooling", pooling, POOLINGS)
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name=name)(x)
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name=name)(x)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class LocalResponseNormalization(keras.layers.Layer):
+    """Local response normalisation across channels (Krizhevsky, Sutskever & Hinton 2012,
+    "ImageNet Classification with Deep Convolutional Neural Networks", section 3.3).
+
+    ``b_i = a_i / (k + alpha * sum_{j=i-n/2}^{i+n/2} a_j^2) ** beta``, the sum over the
+    ``n`` channels centred on ``i`` (clipped at the ends). Note that ``alpha`` is not
+    divided by ``n`` (Caffe's convention is); this is ``tf.nn.local_response_normalization``
+    with ``depth_radius=n // 2, bias=k``. Computed in float32 so squares of activations
+    cannot overflow under mixed precision. Channels last.
+
+    Args:
+        size: int. ``n``, the (odd) number of adjacent channels summed over; 5 in the paper.
+        alpha: float. The scale of the sum; 1e-4 in the paper.
+        beta: float. The exponent; 0.75 in the paper.
+        k: float. The additive constant; 2 in the paper.
+    """
+
+    def __init__(self, size=5, alpha=1e-4, beta=0.75, k=2.0, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+            raise ValueError(f"`size` must be a positive odd int. Received: size={size!r}")
+        self.size = size
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.k = float(k)
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")
+        channels = x.shape[-1]
+        half = self.size // 2
+        padded = keras.ops.pad(keras.ops.square(x), [[0, 0]] * (len(x.shape) - 1) + [[half, half]])
+        window = padded[..., 0:channels]
+        for offset in range(1, self.size):
+            window = window + padded[..., offset : offset + channels]
+        y = x / keras.ops.power(self.k + self.alpha * window, self.beta)
+        return keras.ops.cast(y, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k})
+        return config
