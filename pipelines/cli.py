@@ -1,0 +1,127 @@
+"""``deeptrends``: train experiments, list what is registered, re-export registered models.
+
+Listing commands (``--help``, ``configs``, ``models``, ``datasets``) import neither
+TensorFlow nor MLflow; ``train`` and ``export`` import them when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def cmd_configs(args) -> int:
+    from pipelines.config import CONFIG_DIR, list_configs, read_yaml
+
+    rows = []
+    for name in list_configs():
+        raw = read_yaml(CONFIG_DIR / f"{name}.yaml")
+        rows.append((name, raw.get("task", ""), (raw.get("model") or {}).get("name", ""),
+                     (raw.get("data") or {}).get("name", ""), raw.get("description", "")))
+    _print_table(rows, ("config", "task", "model", "data", "description"))
+    return 0
+
+
+def cmd_models(args) -> int:
+    import models
+
+    for name in models.list_models():
+        print(name)
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    import data
+
+    rows = []
+    for name in data.list_datasets():
+        e = data.get_dataset(name)
+        rows.append((name, e.kind, e.shard_policy, ", ".join(f"{k}={v}" for k, v in e.options.items()), e.description))
+    _print_table(rows, ("dataset", "kind", "shard", "options", "description"))
+    return 0
+
+
+def _summary_out(summary: dict, output_json: str | None) -> None:
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    print(text)
+    if output_json:
+        path = Path(output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+
+
+def cmd_train(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.train import check_config, run_experiment
+
+    config = load_config(args.config, args.set)
+    check_config(config)
+    summary = run_experiment(config)
+    keys = ("run_id", "experiment", "metrics", "model_name", "model_version", "aliases", "export_path")
+    out = {k: summary.to_dict()[k] for k in keys}
+    print("\n== deeptrends train: summary ==")
+    _summary_out(out, args.output_json)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipelines.reexport import export_registered
+
+    path = export_registered(args.model_uri, Path(args.serving_dir), tracking_uri=args.tracking_uri)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deeptrends",
+        description="Classic CNN/RNN architectures as Keras/TensorFlow training pipelines "
+        "(tf.data, tf.distribute, MLflow, TF Serving).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train, evaluate, export and register one experiment")
+    p.add_argument("config", help="a registered experiment name (see `deeptrends configs`) or a YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--output-json", metavar="FILE", help="also write the run summary as JSON here")
+    p.set_defaults(fn=cmd_train)
+
+    sub.add_parser("configs", help="list the shipped experiment configs").set_defaults(fn=cmd_configs)
+    sub.add_parser("models", help="list the registered models").set_defaults(fn=cmd_models)
+    sub.add_parser("datasets", help="list the registered datasets").set_defaults(fn=cmd_datasets)
+
+    p = sub.add_parser("export", help="re-export a registered model version as a SavedModel for TF Serving")
+    p.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    p.add_argument("--serving-dir", required=True, help="writes <serving-dir>/<NAME>/<VERSION>/")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipelines.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"deeptrends: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deeptrends: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

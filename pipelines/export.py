@@ -1,0 +1,164 @@
+"""SavedModel export for TF Serving.
+
+``write_saved_model`` writes a task's endpoints with ``keras.export.ExportArchive`` into
+a temporary directory beside the target, adds TF Serving warm-up requests, reloads the
+result from disk and compares every endpoint with the in-process model; ``publish``
+renames it into ``<serving_dir>/<model_name>/<version>/`` (TF Serving ignores the
+temporary name while it is being written, and never sees a half-written version).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipelines.tasks.base import Endpoint
+
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+
+
+class ExportMismatch(RuntimeError):
+    """The reloaded SavedModel does not reproduce the in-process model."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float
+    signatures: list[str]
+
+
+def _write_warmup(path: Path, model_name: str, endpoints: list[Endpoint], count: int) -> None:
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for ep in endpoints:
+            if not ep.check_inputs:
+                continue
+            for _ in range(count):
+                request = predict_pb2.PredictRequest(
+                    model_spec=model_pb2.ModelSpec(name=model_name, signature_name=ep.name)
+                )
+                for spec, value in zip(ep.input_signature, ep.check_inputs):
+                    request.inputs[spec.name].CopyFrom(tf.make_tensor_proto(value[:1]))
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request)
+                )
+                writer.write(log.SerializeToString())
+
+
+def _compare(name: str, expected: dict, got: dict, atol: float) -> float:
+    worst = 0.0
+    for key, want in expected.items():
+        want = np.asarray(want)
+        have = np.asarray(got[key])
+        if want.shape != have.shape:
+            raise ExportMismatch(f"{name}/{key}: shape {have.shape} after reload, {want.shape} in process")
+        if want.dtype.kind in "fc":
+            diff = float(np.max(np.abs(want.astype(np.float64) - have.astype(np.float64)), initial=0.0))
+            worst = max(worst, diff)
+            if diff > atol:
+                raise ExportMismatch(f"{name}/{key}: max |saved - keras| = {diff:.3g} > {atol:g}")
+        elif want.dtype.kind in "iub" and not np.array_equal(want, have):
+            # argmax/top-k ties may flip only where the probabilities tie within atol
+            raise ExportMismatch(f"{name}/{key}: integer outputs differ after reload")
+        elif want.dtype.kind in "OSU" and not np.array_equal(want.astype(object), have.astype(object)):
+            raise ExportMismatch(f"{name}/{key}: string outputs differ after reload")
+    return worst
+
+
+def write_saved_model(
+    model,
+    endpoints: list[Endpoint],
+    target: Path,
+    *,
+    model_name: str,
+    warmup_requests: int = 4,
+    atol: float = 1e-5,
+) -> ExportResult:
+    """Write, reload and verify a SavedModel in a temporary directory beside ``target``.
+
+    Returns the result with ``path`` set to the temporary directory; call ``publish``
+    to move it into place. On any failure the temporary directory is removed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        for ep in endpoints:
+            archive.add_endpoint(ep.name, ep.fn, input_signature=ep.input_signature)
+        archive.write_out(str(tmp), verbose=False)
+        if warmup_requests:
+            _write_warmup(tmp / WARMUP_FILE, model_name, endpoints, warmup_requests)
+
+        reloaded = tf.saved_model.load(str(tmp))
+        worst = 0.0
+        for ep in endpoints:
+            if not ep.check_inputs:
+                continue
+            args = [tf.constant(v) for v in ep.check_inputs]
+            expected = ep.fn(*args)
+            kwargs = {spec.name: a for spec, a in zip(ep.input_signature, args)}
+            got = reloaded.signatures[ep.name](**kwargs)
+            worst = max(worst, _compare(ep.name, expected, got, atol))
+        return ExportResult(tmp, worst, sorted(reloaded.signatures.keys()))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(result: ExportResult, target: Path) -> Path:
+    """Atomically move a verified export into ``target`` (which must not exist)."""
+    if target.exists():
+        shutil.rmtree(result.path, ignore_errors=True)
+        raise FileExistsError(f"{target} already exists: refusing to overwrite a served version")
+    result.path.rename(target)
+    result.path = target
+    return target
+
+
+def discard(result: ExportResult | None) -> None:
+    if result is not None and result.path.name.startswith(".tmp-"):
+        shutil.rmtree(result.path, ignore_errors=True)
+
+
+def write_model_config(serving_dir: Path, model_name: str, served: list[int], labels: dict[str, int]) -> Path:
+    """Refresh ``<serving_dir>/models.config`` (TF Serving's ``--model_config_file``) so
+    that TF Serving serves the listed versions of ``model_name`` with version labels
+    (``champion``, ``challenger``) instead of whatever version is highest. The state of
+    every model is kept in ``models.json`` beside it; the text proto is rendered from it."""
+    import json
+
+    state_path = serving_dir / "models.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state[model_name] = {"versions": sorted(set(int(v) for v in served)), "labels": labels}
+    blocks = []
+    for name in sorted(state):
+        entry = state[name]
+        versions = "".join(f" versions: {v}" for v in entry["versions"])
+        labels_text = "".join(
+            f"\n    version_labels {{ key: '{k}' value: {v} }}" for k, v in sorted(entry["labels"].items())
+        )
+        blocks.append(
+            "  config {\n"
+            f"    name: '{name}'\n"
+            f"    base_path: '{(serving_dir / name).resolve()}'\n"
+            "    model_platform: 'tensorflow'\n"
+            f"    model_version_policy {{ specific {{{versions} }} }}"
+            f"{labels_text}\n"
+            "  }"
+        )
+    path = serving_dir / "models.config"
+    for target, text in ((state_path, json.dumps(state, indent=2)), (path, "model_config_list {\n" + "\n".join(blocks) + "\n}\n")):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+    return path

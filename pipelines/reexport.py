@@ -1,0 +1,51 @@
+"""Re-export a registered model version as a TF Serving SavedModel (``deeptrends export``).
+
+The version's run holds the resolved ``config.yaml`` and ``dataset_info.json``; with them
+the task rebuilds the same serving endpoints around the logged Keras model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from pipelines.config import ConfigError, validate_config
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | None = None) -> Path:
+    m = _URI.match(model_uri)
+    if not m:
+        raise ConfigError(f"MODEL_URI {model_uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipelines import export, runtime
+    from pipelines.tasks.base import get_task
+    from pipelines.tracking import DEFAULT_URI
+
+    runtime.quiet_tensorflow()
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    client = MlflowClient()
+    name = m["name"]
+    try:
+        mv = client.get_model_version_by_alias(name, m["alias"]) if m["alias"] else client.get_model_version(name, m["version"])
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"MODEL_URI {model_uri!r}: {exc.message}") from None
+    local = Path(client.download_artifacts(mv.run_id, "config.yaml"))
+    config = validate_config(yaml.safe_load(local.read_text()), source=f"run {mv.run_id}")
+    info = json.loads(Path(client.download_artifacts(mv.run_id, "dataset_info.json")).read_text())
+
+    model = mlflow.keras.load_model(f"models:/{name}/{mv.version}")
+    task = get_task(config.task)(config)
+    endpoints = task.endpoints(model, info, None)
+    target = serving_dir / name / str(mv.version)
+    staged = export.write_saved_model(
+        model, endpoints, target, model_name=name,
+        warmup_requests=config.export.warmup_requests, atol=config.export.atol,
+    )
+    return export.publish(staged, target)

@@ -1,0 +1,205 @@
+"""Image classification: top-1/top-5 accuracy, learning curves, confusion matrix, and the
+``serving_default`` (preprocessed ``images``) and ``image_bytes`` (encoded PNG/JPEG)
+serving signatures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import models
+from data.images import Augment, ImageInputSpec, build_image_datasets, preprocess_images
+from pipelines.optim import build_optimizer
+from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
+
+
+def _main_output(outputs):
+    """A model with auxiliary heads returns a list; the first output is the prediction."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    """Supervised image classification with a softmax classifier."""
+
+    metric_names = ("loss", "accuracy", "top5_accuracy", "top1_error", "top5_error")
+    aux_loss_weight = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014)
+
+    def input_spec(self) -> ImageInputSpec:
+        cfg = self.config
+        return ImageInputSpec(
+            name=cfg.data.name,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.runtime.seed,
+            data_dir=cfg.data.dir,
+            image_size=cfg.data.image_size,
+            channels=cfg.data.channels,
+            cache=cfg.data.cache,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            deterministic=cfg.data.deterministic,
+            augment=Augment(**cfg.data.augment.model_dump()),
+            options=cfg.data.options(),
+        )
+
+    def build_inputs(self) -> Inputs:
+        train, evals, info = build_image_datasets(self.input_spec())
+        steps = self.config.train.steps_per_epoch or info.steps_per_epoch
+        return Inputs(
+            train=train,
+            eval=evals,
+            steps_per_epoch=steps,
+            info={
+                "dataset": info.name,
+                "num_classes": info.num_classes,
+                "class_names": info.class_names,
+                "image_shape": list(info.image_shape),
+                "raw_shape": list(info.raw_shape),
+                "num_train": info.num_train,
+                "num_eval": info.num_eval,
+                "source": info.source,
+                "shard_policy": info.shard_policy,
+            },
+            fingerprint=info.fingerprint,
+        )
+
+    def build_model(self, info: dict[str, Any]):
+        kwargs = {"input_shape": tuple(info["image_shape"]), "num_classes": info["num_classes"]}
+        kwargs.update(self.config.model.kwargs())
+        return models.create_model(self.config.model.name, **kwargs)
+
+    def compile_model(self, model, inputs: Inputs) -> None:
+        num_classes = inputs.info["num_classes"]
+        outputs = model.outputs
+        smoothing = self.config.train.label_smoothing
+
+        def loss_fn():
+            if smoothing:
+                return _SmoothedSparseCE(num_classes, smoothing)
+            return keras.losses.SparseCategoricalCrossentropy()
+
+        def metric_fns():
+            k = min(5, num_classes)
+            return [
+                keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5_accuracy"),
+            ]
+
+        if len(outputs) > 1:
+            loss = [loss_fn() for _ in outputs]
+            weights = [1.0] + [self.aux_loss_weight] * (len(outputs) - 1)
+            metrics = [metric_fns()] + [[] for _ in outputs[1:]]
+        else:
+            loss, weights, metrics = loss_fn(), None, metric_fns()
+        model.compile(
+            optimizer=build_optimizer(self.config.train, inputs.steps_per_epoch),
+            loss=loss,
+            loss_weights=weights,
+            metrics=metrics,
+            jit_compile=self.config.runtime.jit_compile,
+        )
+        if len(outputs) > 1:  # feed the same labels to every head
+            self._num_heads = len(outputs)
+
+    def prepare_dataset(self, ds):
+        heads = getattr(self, "_num_heads", 1)
+        if heads > 1:
+            return ds.map(lambda x, y: (x, tuple([y] * heads)))
+        return ds
+
+    # -- evaluation -------------------------------------------------------------
+    def predict(self, model, dataset) -> tuple[np.ndarray, np.ndarray]:
+        probs, labels = [], []
+        for x, y in dataset:
+            probs.append(np.asarray(_main_output(model(x, training=False)), dtype=np.float32))
+            labels.append(np.asarray(y))
+        return np.concatenate(probs), np.concatenate(labels)
+
+    def evaluate(self, model, inputs: Inputs) -> dict[str, float]:
+        probs, labels = self.predict(model, inputs.eval)
+        eps = 1e-7
+        loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0))))
+        k = min(5, probs.shape[1])
+        topk = np.argsort(-probs, axis=1)[:, :k]
+        self._last_eval = (probs, labels)
+        return {
+            "loss": loss,
+            "accuracy": float(np.mean(topk[:, 0] == labels)),
+            "top5_accuracy": float(np.mean(np.any(topk == labels[:, None], axis=1))),
+            "top1_error": float(np.mean(topk[:, 0] != labels)),
+            "top5_error": float(np.mean(~np.any(topk == labels[:, None], axis=1))),
+        }
+
+    def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
+        from pipelines import plots
+
+        plots.learning_curves(history, out_dir / "learning_curves.png", title=self.config.name)
+        probs, labels = getattr(self, "_last_eval", None) or self.predict(model, inputs.eval)
+        plots.confusion_matrix(
+            labels, probs.argmax(axis=1), inputs.info["class_names"], out_dir / "confusion_matrix.png"
+        )
+
+    # -- serving ------------------------------------------------------------------
+    def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
+        height, width, channels = (int(d) for d in info["image_shape"])
+        raw_channels = int(info["raw_shape"][-1])
+        k = min(5, int(info["num_classes"]))
+
+        def outputs(images):
+            probs = tf.cast(_main_output(model(images, training=False)), tf.float32)
+            top_p, top_c = tf.math.top_k(probs, k=k)
+            return {
+                "probabilities": probs,
+                "classes": tf.argmax(probs, axis=-1, output_type=tf.int64),
+                "top5_classes": tf.cast(top_c, tf.int64),
+                "top5_probabilities": top_p,
+            }
+
+        def decode(data):
+            image = tf.io.decode_image(data, channels=raw_channels, expand_animations=False)
+            image.set_shape([None, None, raw_channels])
+            return preprocess_images(image[None], height, channels)[0]
+
+        def serve_images(images):
+            return outputs(images)
+
+        def serve_bytes(image_bytes):
+            images = tf.map_fn(
+                decode, image_bytes, fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32)
+            )
+            return outputs(images)
+
+        images_spec = tf.TensorSpec([None, height, width, channels], tf.float32, name="images")
+        bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
+        if check_batch is not None:
+            images = np.asarray(check_batch[0], dtype=np.float32)[:8]
+        else:
+            images = np.random.default_rng(0).uniform(size=(4, height, width, channels)).astype(np.float32)
+        pngs = [tf.io.encode_png(tf.cast(tf.round(img * 255.0), tf.uint8)).numpy() for img in images[:4]]
+        if channels != raw_channels:  # encode in the raw channel layout the client would send
+            pngs = [
+                tf.io.encode_png(
+                    tf.cast(tf.round(preprocess_images(img[None] * 255.0, None, raw_channels)[0] * 255.0), tf.uint8)
+                ).numpy()
+                for img in images[:4]
+            ]
+        return [
+            Endpoint("serving_default", serve_images, [images_spec], [images]),
+            Endpoint("image_bytes", serve_bytes, [bytes_spec], [np.array(pngs, dtype=object)]),
+        ]
+
+
+class _SmoothedSparseCE(keras.losses.Loss):
+    """Sparse categorical cross-entropy with label smoothing on probabilities."""
+
+    def __init__(self, num_classes: int, smoothing: float, name: str = "smoothed_ce"):
+        super().__init__(name=name)
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+
+    def call(self, y_true, y_pred):
+        y = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
+        return keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=self.smoothing)
