@@ -27,6 +27,7 @@ from __future__ import annotations
 import keras
 
 from models.layers import (
+    ACTIVATIONS,
     LocalResponseNormalization,
     activation_layer,
     check_choice,
@@ -108,6 +109,7 @@ def alexnet_family(
         name: str. The model name; None for ``variant``.
     """
     check_choice("variant", variant, tuple(ALEXNET_SPECS))
+    check_choice("activation", activation, ACTIVATIONS)
     spec = ALEXNET_SPECS[variant]
     input_shape = check_image_shape(
         spec["input_shape"] if input_shape is None else input_shape, min_size=32

@@ -28,6 +28,7 @@ from __future__ import annotations
 import keras
 
 from models.layers import (
+    ACTIVATIONS,
     LocalResponseNormalization,
     activation_layer,
     check_choice,
@@ -149,6 +150,7 @@ def inception_v1(
     )
     check_num_classes(num_classes, include_top)
     check_dropout(dropout)
+    check_choice("activation", activation, ACTIVATIONS)
     check_choice("pooling", pooling, (None, "avg", "max"))
     conv = dict(activation=activation, batch_norm=batch_norm)
 

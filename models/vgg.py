@@ -19,6 +19,7 @@ from __future__ import annotations
 import keras
 
 from models.layers import (
+    ACTIVATIONS,
     activation_layer,
     check_choice,
     check_dropout,
@@ -90,6 +91,7 @@ def vgg(
             f"Received: width_multiplier={width_multiplier!r}"
         )
     input_shape = check_image_shape(input_shape, min_size=32, allow_none=not include_top)
+    check_choice("activation", activation, ACTIVATIONS)
     check_num_classes(num_classes, include_top)
     check_dropout(dropout)
     check_choice("pooling", pooling, (None, "avg", "max"))

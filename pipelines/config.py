@@ -145,7 +145,7 @@ class ExportConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    task: Literal["classification"] = "classification"
+    task: str = Field("classification", description="a registered task (pipelines/tasks/)")
     description: str = ""
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
