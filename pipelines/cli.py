@@ -61,6 +61,9 @@ def _summary_out(summary: dict, output_json: str | None) -> None:
 
 
 def cmd_train(args) -> int:
+    from pipelines.runtime import quiet_tensorflow
+
+    quiet_tensorflow()
     from pipelines.config import load_config
     from pipelines.train import check_config, run_experiment
 
@@ -75,6 +78,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from pipelines.runtime import quiet_tensorflow
+
+    quiet_tensorflow()
     from pipelines.reexport import export_registered
 
     path = export_registered(args.model_uri, Path(args.serving_dir), tracking_uri=args.tracking_uri)
