@@ -153,6 +153,10 @@ class ExperimentConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    task_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="task-specific settings (e.g. generation: cd_k, binarize); each task validates its own",
+    )
 
     @property
     def experiment_name(self) -> str:
