@@ -9,8 +9,12 @@ import keras
 from pipelines.config import TrainConfig
 
 
+@keras.saving.register_keras_serializable(package="deeptrends")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 for ``warmup_steps``, then ``after`` (a schedule or a float)."""
+    """Linear warm-up from 0 for ``warmup_steps``, then ``after`` (a schedule or a float).
+    Used only for step/exponential decay with warm-up; constant and cosine schedules use
+    Keras' own ``CosineDecay`` (which has warm-up built in), so most saved models need
+    nothing of ours to reload."""
 
     def __init__(self, peak: float, warmup_steps: int, after):
         self.peak = peak
@@ -45,18 +49,23 @@ def learning_rate(train: TrainConfig, steps_per_epoch: int, scale: float = 1.0):
     sched = train.schedule
     warmup = int(round(sched.warmup_epochs * steps_per_epoch))
     total = max(1, train.epochs * steps_per_epoch - warmup)
-    if sched.name == "constant":
-        after = lr
-    elif sched.name == "cosine":
-        after = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=sched.alpha)
-    else:
-        decay_steps = max(1, int(round((sched.decay_epochs or max(1, train.epochs // 3)) * steps_per_epoch)))
-        after = keras.optimizers.schedules.ExponentialDecay(
-            lr, decay_steps=decay_steps, decay_rate=sched.decay_rate, staircase=sched.name == "step"
+    if sched.name == "constant" and not warmup:
+        return lr
+    if sched.name in ("constant", "cosine"):
+        # Keras' CosineDecay: linear warm-up 0 -> lr, then cosine to alpha * lr
+        # (alpha = 1 keeps the rate constant after the warm-up).
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else lr,
+            decay_steps=total,
+            alpha=1.0 if sched.name == "constant" else sched.alpha,
+            warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
         )
-    if warmup:
-        return WarmupSchedule(lr, warmup, after)
-    return after
+    decay_steps = max(1, int(round((sched.decay_epochs or max(1, train.epochs // 3)) * steps_per_epoch)))
+    after = keras.optimizers.schedules.ExponentialDecay(
+        lr, decay_steps=decay_steps, decay_rate=sched.decay_rate, staircase=sched.name == "step"
+    )
+    return WarmupSchedule(lr, warmup, after) if warmup else after
 
 
 def build_optimizer(train: TrainConfig, steps_per_epoch: int, scale: float = 1.0) -> keras.optimizers.Optimizer:

@@ -149,6 +149,7 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
             validation_freq=config.train.validation_freq,
             callbacks=callbacks,
             verbose=config.train.verbose,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
         )
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
         if not _history_is_finite(history):
