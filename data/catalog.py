@@ -115,3 +115,50 @@ register_dataset(
         source="TFDS mnist, or idx files in $DEEPTRENDS_DATA_DIR/mnist_test",
     )
 )
+register_dataset(
+    DatasetEntry(
+        name="long_dependency",
+        kind="sequence",
+        load="data.sequences:load_generated",
+        description="generated long-term-dependency problems: the adding problem (regression) or "
+        "first-symbol recall (classification) at a chosen sequence length",
+        options={"problem": "adding", "length": 50, "num_train": 10_000, "num_eval": 1_000, "symbols": 8, "seed": 1234},
+        source="generated (Hochreiter & Schmidhuber 1997, experiment 4)",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="text_lm",
+        kind="language_model",
+        load="data.sequences:load_text_lm",
+        description="word-level language modelling on a text/TSV column (default: the English side "
+        "of $DEEPTRENDS_DATA_DIR/deu_eng/deu.txt), seeded 90/10 split by sentence",
+        options={"path": None, "column": 0, "max_vocab": 10_000, "min_count": 1, "eval_fraction": 0.1,
+                 "max_lines": None, "seed": 1234, "seq_len": 35},
+        source="any UTF-8 text file",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="tsv_translation",
+        kind="translation",
+        load="data.translation:load_tsv_translation",
+        description="a tab-separated parallel corpus (default $DEEPTRENDS_DATA_DIR/deu_eng/deu.txt, "
+        "German->English), split train/validation/test grouped by source sentence",
+        options={"path": None, "direction": "reverse", "skip_bad_lines": False, "ignore_extra_columns": False,
+                 "test_size": 2000, "validation_size": 1000, "split_seed": 2024, "max_pairs": None},
+        source="any source<TAB>target file (manythings.org/Tatoeba exports)",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="tfds_translation",
+        kind="translation",
+        load="data.translation:load_tfds_translation",
+        description="a prepared TFDS translation set (ted_hrlr_translate/*, wmt*_translate/*)",
+        options={"tfds_name": "ted_hrlr_translate/pt_to_en", "source_language": None, "target_language": None,
+                 "test_split": "test", "validation_split": "validation", "max_pairs": None},
+        source="TFDS (must be prepared under data.dir; no network)",
+        shard_policy="DATA",
+    )
+)

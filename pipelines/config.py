@@ -93,6 +93,7 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     clipnorm: float | None = Field(None, gt=0.0)
     global_clipnorm: float | None = Field(None, gt=0.0)
+    bptt_steps: int | None = Field(None, gt=0, description="language models: truncated BPTT over stateful chunks of this many steps")
     validation_freq: int = Field(1, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)
     tensorboard: bool = False

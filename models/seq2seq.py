@@ -1,0 +1,252 @@
+"""Encoder-decoder translation with additive attention (Bahdanau, Cho & Bengio 2014,
+"Neural Machine Translation by Jointly Learning to Align and Translate").
+
+- Encoder: source embedding -> bidirectional GRU/LSTM; its annotations ``h_j`` are the
+  forward and backward states concatenated, ``[B, S, 2 * units]``.
+- Bridge: the decoder's initial state ``s_0 = tanh(W [h_fwd_last; h_bwd_first])``.
+- Decoder: target embedding -> GRU/LSTM (teacher forcing in training: the reference
+  shifted right is the input). At every step the additive (Bahdanau) score
+  ``e_ij = v^T tanh(W_k h_j + W_q s_i)`` over the source annotations gives the alignment
+  ``a_ij = softmax_j(e_ij)`` and the context ``c_i = sum_j a_ij h_j``; the prediction is
+  ``softmax(W_o tanh(W_c [c_i; s_i]))``. The query is the decoder state after the step
+  (Luong et al. 2015's placement of the same additive score), so training runs the
+  decoder over the whole target at once instead of a Python loop over time.
+
+``Seq2Seq.encode`` and ``Seq2Seq.decode_step`` are what an in-graph greedy or beam-search
+decoder needs; ``call([source, target_in])`` is the teacher-forced training pass. Token
+id 0 is padding in both vocabularies.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from models.layers import check_choice, check_dropout
+from models.registry import register_model
+
+CELLS = ("gru", "lstm")
+
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class AdditiveAttention(keras.layers.Layer):
+    """Bahdanau's additive alignment model ``v^T tanh(W_k h_j + W_q s_i)``, masked softmax.
+
+    Args:
+        units: int. The size of the alignment layer (``W_k``, ``W_q`` outputs).
+    """
+
+    def __init__(self, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True  # the source mask is an explicit argument
+        self.units = units
+        self.key_dense = keras.layers.Dense(units, use_bias=False, name="keys")
+        self.query_dense = keras.layers.Dense(units, name="query")
+        self.score_dense = keras.layers.Dense(1, use_bias=False, name="score")
+
+    def build(self, query_shape, values_shape):
+        self.key_dense.build(values_shape)
+        self.query_dense.build(query_shape)
+        self.score_dense.build((None, None, None, self.units))
+
+    def project_keys(self, values):
+        """``W_k h_j`` for all source positions, computed once per sentence: [B, S, A]."""
+        return self.key_dense(values)
+
+    def call(self, query, values, keys=None, mask=None):
+        """query [B, T, Q], values [B, S, D], keys [B, S, A] (optional), mask [B, S] ->
+        (context [B, T, D], weights [B, T, S])."""
+        if keys is None:
+            keys = self.project_keys(values)
+        q = self.query_dense(query)  # [B, T, A]
+        scores = self.score_dense(ops.tanh(keys[:, None, :, :] + q[:, :, None, :]))[..., 0]
+        scores = ops.cast(scores, "float32")  # [B, T, S]
+        if mask is not None:
+            scores = ops.where(ops.cast(mask, "bool")[:, None, :], scores, -1e9)
+        weights = ops.softmax(scores, axis=-1)
+        context = ops.matmul(ops.cast(weights, values.dtype), values)
+        return context, weights
+
+    def compute_mask(self, *args, **kwargs):
+        return None
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class Seq2Seq(keras.Model):
+    """Bidirectional-RNN encoder, attentional RNN decoder (see the module docstring).
+
+    Args:
+        source_vocab_size: int. Source vocabulary size (id 0 = padding).
+        target_vocab_size: int. Target vocabulary size (id 0 = padding).
+        cell: str. ``gru`` or ``lstm`` for both encoder and decoder.
+        embedding_dim: int. Size of the source and target embeddings.
+        units: int. Decoder state size and encoder state size per direction.
+        attention_units: int. Size of the additive alignment layer.
+        dropout: float. Dropout on embeddings and before the output projection.
+    """
+
+    def __init__(
+        self,
+        source_vocab_size: int,
+        target_vocab_size: int,
+        cell: str = "gru",
+        embedding_dim: int = 256,
+        units: int = 512,
+        attention_units: int = 256,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_choice("cell", cell, CELLS)
+        for arg, value in (
+            ("source_vocab_size", source_vocab_size),
+            ("target_vocab_size", target_vocab_size),
+            ("embedding_dim", embedding_dim),
+            ("units", units),
+            ("attention_units", attention_units),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{arg}` must be a positive int. Received: {arg}={value!r}")
+        check_dropout(dropout)
+        self.source_vocab_size = source_vocab_size
+        self.target_vocab_size = target_vocab_size
+        self.cell = cell
+        self.embedding_dim = embedding_dim
+        self.units = units
+        self.attention_units = attention_units
+        self.dropout = dropout
+        self.num_states = 2 if cell == "lstm" else 1
+        rnn = keras.layers.LSTM if cell == "lstm" else keras.layers.GRU
+
+        self.source_embedding = keras.layers.Embedding(source_vocab_size, embedding_dim, name="source_embedding")
+        self.target_embedding = keras.layers.Embedding(target_vocab_size, embedding_dim, name="target_embedding")
+        self.encoder = keras.layers.Bidirectional(
+            rnn(units, return_sequences=True, return_state=True, name=f"encoder_{cell}"),
+            name="encoder",
+        )
+        self.bridges = [
+            keras.layers.Dense(units, activation="tanh", name=f"bridge_{i}") for i in range(self.num_states)
+        ]
+        self.decoder = rnn(units, return_sequences=True, name=f"decoder_{cell}")
+        self.attention = AdditiveAttention(attention_units, name="attention")
+        self.combine = keras.layers.Dense(units, activation="tanh", name="attentional_hidden")
+        self.output_projection = keras.layers.Dense(target_vocab_size, name="logits")
+        self.embedding_dropout = keras.layers.Dropout(dropout, name="embedding_dropout")
+        self.output_dropout = keras.layers.Dropout(dropout, name="output_dropout")
+
+    def build(self, input_shape=None):
+        e, u = self.embedding_dim, self.units
+        self.source_embedding.build((None, None))
+        self.target_embedding.build((None, None))
+        self.encoder.build((None, None, e))
+        for bridge in self.bridges:
+            bridge.build((None, 2 * u))
+        self.decoder.build((None, None, e))
+        self.attention.build((None, None, u), (None, None, 2 * u))
+        self.combine.build((None, None, 3 * u))
+        self.output_projection.build((None, None, u))
+        self.built = True
+
+    # -- encoder -------------------------------------------------------------------
+    def encode(self, source, training=False):
+        """source int [B, S] -> (annotations [B, S, 2U], keys [B, S, A], mask [B, S],
+        initial decoder states: a list of ``num_states`` tensors [B, U])."""
+        mask = ops.not_equal(source, 0)
+        x = self.embedding_dropout(self.source_embedding(source), training=training)
+        outputs = self.encoder(x, mask=mask, training=training)
+        annotations, states = outputs[0], outputs[1:]
+        forward, backward = states[: self.num_states], states[self.num_states :]
+        initial = [
+            bridge(ops.concatenate([f, b], axis=-1)) for bridge, f, b in zip(self.bridges, forward, backward)
+        ]
+        return annotations, self.attention.project_keys(annotations), mask, initial
+
+    # -- decoder -------------------------------------------------------------------
+    def _predict(self, decoded, annotations, keys, mask, training=False):
+        context, weights = self.attention(decoded, annotations, keys=keys, mask=mask)
+        hidden = self.combine(ops.concatenate([context, decoded], axis=-1))
+        hidden = self.output_dropout(hidden, training=training)
+        return ops.cast(self.output_projection(hidden), "float32"), weights
+
+    def decode_step(self, token, states, annotations, keys, mask):
+        """One decoder step. token int [B], states list of [B, U] -> (logits [B, V],
+        new states, attention weights [B, S])."""
+        x = self.target_embedding(token)  # [B, E]
+        output, new_states = self.decoder.cell(x, list(states), training=False)
+        if not isinstance(new_states, (list, tuple)):
+            new_states = [new_states]
+        logits, weights = self._predict(output[:, None, :], annotations, keys, mask)
+        return logits[:, 0, :], list(new_states), weights[:, 0, :]
+
+    def call(self, inputs, training=False):
+        """Teacher forcing: [source [B, S], target_in [B, T]] -> logits [B, T, V]."""
+        if isinstance(inputs, dict):
+            source, target_in = inputs["source"], inputs["target_in"]
+        else:
+            source, target_in = inputs
+        annotations, keys, mask, initial = self.encode(source, training=training)
+        y = self.embedding_dropout(self.target_embedding(target_in), training=training)
+        decoded = self.decoder(y, initial_state=initial, training=training)
+        logits, _ = self._predict(decoded, annotations, keys, mask, training=training)
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        target_shape = input_shape["target_in"] if isinstance(input_shape, dict) else input_shape[1]
+        return (*target_shape, self.target_vocab_size)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "source_vocab_size": self.source_vocab_size,
+            "target_vocab_size": self.target_vocab_size,
+            "cell": self.cell,
+            "embedding_dim": self.embedding_dim,
+            "units": self.units,
+            "attention_units": self.attention_units,
+            "dropout": self.dropout,
+        }
+
+
+def seq2seq_attention(
+    source_vocab_size: int,
+    target_vocab_size: int,
+    cell: str = "gru",
+    embedding_dim: int = 256,
+    units: int = 512,
+    attention_units: int = 256,
+    dropout: float = 0.0,
+    name: str = "seq2seq",
+) -> Seq2Seq:
+    """Build the attentional encoder-decoder, its weights created.
+
+    Args:
+        source_vocab_size: int. Source vocabulary size including padding (0) and OOV.
+        target_vocab_size: int. Target vocabulary size including padding, OOV, start, end.
+        cell: str. ``gru`` or ``lstm``.
+        embedding_dim: int. Size of the word embeddings.
+        units: int. Recurrent state size (the encoder has ``units`` per direction).
+        attention_units: int. Size of the additive alignment layer.
+        dropout: float. Dropout on embeddings and before the output projection.
+        name: str. The model name.
+    """
+    model = Seq2Seq(
+        source_vocab_size,
+        target_vocab_size,
+        cell=cell,
+        embedding_dim=embedding_dim,
+        units=units,
+        attention_units=attention_units,
+        dropout=dropout,
+        name=name,
+    )
+    model.build([(None, None), (None, None)])
+    return model
+
+
+@register_model("seq2seq")
+def seq2seq(**kwargs):
+    return seq2seq_attention(**kwargs)
+
