@@ -112,7 +112,10 @@ PAPER_COUNTS = [
     "name,kwargs,expected,shapes",
     PAPER_COUNTS,
     ids=[
-        f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items() if k != 'input_shape')}"
+        "-".join(
+            [n, str(kw.get("input_shape", (224,))[0])]
+            + [f"{k}={v}" for k, v in kw.items() if k != "input_shape"]
+        )
         for n, kw, *_ in PAPER_COUNTS
     ],
 )
@@ -157,10 +160,11 @@ def test_vgg16_matches_keras_applications(zero_init):
     reference = keras.applications.VGG16(weights=None, classifier_activation=None)
     ours = create_model("vgg16", classifier_activation=None)
     _copy_weights_by_name(reference, ours)
-    images = np.random.default_rng(0).uniform(0, 1, (2, 224, 224, 3)).astype("float32")
+    # Pixel-range inputs (the caffe-style preprocessing VGG expects), so logits are O(1).
+    images = np.random.default_rng(0).uniform(-128, 128, (2, 224, 224, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(reference(images, training=False))
     got = keras.ops.convert_to_numpy(ours(images, training=False))
-    assert np.abs(expected).max() > 1e-3  # the comparison is not between zeros
+    assert np.abs(expected).max() > 0.1  # the comparison is not between near-zeros
     assert np.abs(got - expected).max() <= 1e-4
     keras.backend.clear_session()
 
@@ -184,7 +188,7 @@ def test_resnet50_matches_keras_applications(zero_init):
     images = rng.uniform(0, 1, (2, 224, 224, 3)).astype("float32")
     expected = keras.ops.convert_to_numpy(reference(images, training=False))
     got = keras.ops.convert_to_numpy(ours(images, training=False))
-    assert np.abs(expected).max() > 1e-3
+    assert np.abs(expected).max() > 0.1
     assert np.abs(got - expected).max() <= 1e-4
     keras.backend.clear_session()
 
