@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import models
-from pipelines.config import ConfigError, ExperimentConfig
+from pipelines.config import ConfigError, ExperimentConfig, TrainConfig
 from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
 from pipelines.tasks.classification import ClassificationTask
 
@@ -64,6 +64,7 @@ class GenerationOptions(BaseModel):
     arithmetic: list[int] = Field([7, 1, 9], min_length=3, max_length=3, description="groups A, B, C of A - B + C")
     pll_draws: int = Field(5, ge=1)
     eval_batch: int = Field(500, ge=1)
+    max_train_minutes: float | None = Field(None, gt=0.0, description="stop training after this wall time")
 
 
 def parse_options(model: type[BaseModel], options: dict[str, Any], task: str) -> Any:
@@ -261,6 +262,8 @@ class GenerationTask(Task):
         out = []
         if self.family == "rbm":
             out.append(gen.GreedyLayerSchedule(self.epochs_per_layer(self._layers)))
+        if self.options.max_train_minutes:
+            out.append(TimeLimit(self.options.max_train_minutes * 60.0))
         if self.options.sample_every:
             out.append(SampleGrids(self, run_dir / "artifacts" / "samples", self.options.sample_every))
         return out
@@ -523,6 +526,25 @@ def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None
         ev.save_canvas_gif(canvases, out_dir / "canvas.gif", columns=8, scale=2)
 
 
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training at the first batch end after ``seconds`` of wall time."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_begin(self, logs=None):
+        import time
+
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        import time
+
+        if time.monotonic() - self.start > self.seconds:
+            self.model.stop_training = True
+
+
 class SampleGrids(keras.callbacks.Callback):
     """A grid of samples from fixed seeds every ``every`` epochs, into ``folder``."""
 
@@ -607,9 +629,9 @@ class DBNClassificationTask(ClassificationTask):
         if len(opts.epochs_per_layer) != layers:
             raise ConfigError(f"task_options.epochs_per_layer: {len(opts.epochs_per_layer)} entries for {layers} RBMs.")
         init_visible_bias(trainer.rbms[0], x)
-        train_cfg = self.config.train.model_copy(
-            update={"learning_rate": opts.learning_rate, "optimizer": {"name": "sgd", "momentum": opts.momentum},
-                    "schedule": {"name": "constant"}, "weight_decay": 0.0}
+        train_cfg = TrainConfig.model_validate(
+            {"learning_rate": opts.learning_rate, "optimizer": {"name": "sgd", "momentum": opts.momentum},
+             "batch_size": opts.batch_size}
         )
         steps = len(x) // opts.batch_size
         trainer.compile([build_optimizer(train_cfg, steps) for _ in range(layers)])
