@@ -115,6 +115,9 @@ register_dataset(
         source="TFDS mnist, or idx files in $DEEPTRENDS_DATA_DIR/mnist_test",
     )
 )
+# tokenisation options of every translation dataset (read by the translation task)
+_TEXT_OPTIONS = {"max_length": 40, "source_vocab_size": 20000, "target_vocab_size": 20000, "min_count": 1}
+
 register_dataset(
     DatasetEntry(
         name="long_dependency",
@@ -146,7 +149,8 @@ register_dataset(
         description="a tab-separated parallel corpus (default $DEEPTRENDS_DATA_DIR/deu_eng/deu.txt, "
         "German->English), split train/validation/test grouped by source sentence",
         options={"path": None, "direction": "reverse", "skip_bad_lines": False, "ignore_extra_columns": False,
-                 "test_size": 2000, "validation_size": 1000, "split_seed": 2024, "max_pairs": None},
+                 "test_size": 2000, "validation_size": 1000, "split_seed": 2024, "max_pairs": None,
+                 **_TEXT_OPTIONS},
         source="any source<TAB>target file (manythings.org/Tatoeba exports)",
     )
 )
@@ -157,7 +161,8 @@ register_dataset(
         load="data.translation:load_tfds_translation",
         description="a prepared TFDS translation set (ted_hrlr_translate/*, wmt*_translate/*)",
         options={"tfds_name": "ted_hrlr_translate/pt_to_en", "source_language": None, "target_language": None,
-                 "test_split": "test", "validation_split": "validation", "max_pairs": None},
+                 "test_split": "test", "validation_split": "validation", "max_pairs": None,
+                 **_TEXT_OPTIONS},
         source="TFDS (must be prepared under data.dir; no network)",
         shard_policy="DATA",
     )

@@ -86,6 +86,11 @@ class Seq2Seq(keras.Model):
         units: int. Decoder state size and encoder state size per direction.
         attention_units: int. Size of the additive alignment layer.
         dropout: float. Dropout on embeddings and before the output projection.
+        beam_width: int. Generation default: 1 is greedy decoding, more is beam search.
+        length_penalty: float. Generation default: the GNMT exponent ``alpha`` of the beam
+            score ``log p / ((5 + length) / 6) ** alpha``; 0 ranks by ``log p`` alone.
+        max_decode_length: int or None. Generation default: the most target tokens; None
+            lets the decoder pick from the training data.
     """
 
     def __init__(
@@ -97,6 +102,9 @@ class Seq2Seq(keras.Model):
         units: int = 512,
         attention_units: int = 256,
         dropout: float = 0.0,
+        beam_width: int = 1,
+        length_penalty: float = 0.0,
+        max_decode_length: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -111,6 +119,19 @@ class Seq2Seq(keras.Model):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{arg}` must be a positive int. Received: {arg}={value!r}")
         check_dropout(dropout)
+        if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
+            raise ValueError(f"`beam_width` must be an int >= 1. Received: beam_width={beam_width!r}")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty < 0:
+            raise ValueError(f"`length_penalty` must be a float >= 0. Received: length_penalty={length_penalty!r}")
+        if max_decode_length is not None and (
+            isinstance(max_decode_length, bool) or not isinstance(max_decode_length, int) or max_decode_length < 1
+        ):
+            raise ValueError(
+                f"`max_decode_length` must be a positive int or None. Received: max_decode_length={max_decode_length!r}"
+            )
+        self.beam_width = beam_width
+        self.length_penalty = float(length_penalty)
+        self.max_decode_length = max_decode_length
         self.source_vocab_size = source_vocab_size
         self.target_vocab_size = target_vocab_size
         self.cell = cell
@@ -207,6 +228,9 @@ class Seq2Seq(keras.Model):
             "units": self.units,
             "attention_units": self.attention_units,
             "dropout": self.dropout,
+            "beam_width": self.beam_width,
+            "length_penalty": self.length_penalty,
+            "max_decode_length": self.max_decode_length,
         }
 
 
@@ -218,6 +242,9 @@ def seq2seq_attention(
     units: int = 512,
     attention_units: int = 256,
     dropout: float = 0.0,
+    beam_width: int = 1,
+    length_penalty: float = 0.0,
+    max_decode_length: int | None = None,
     name: str = "seq2seq",
 ) -> Seq2Seq:
     """Build the attentional encoder-decoder, its weights created.
@@ -230,6 +257,9 @@ def seq2seq_attention(
         units: int. Recurrent state size (the encoder has ``units`` per direction).
         attention_units: int. Size of the additive alignment layer.
         dropout: float. Dropout on embeddings and before the output projection.
+        beam_width: int. Generation default: 1 greedy, more beam search.
+        length_penalty: float. Generation default: the GNMT length-penalty exponent.
+        max_decode_length: int or None. Generation default: the most target tokens.
         name: str. The model name.
     """
     model = Seq2Seq(
@@ -240,6 +270,9 @@ def seq2seq_attention(
         units=units,
         attention_units=attention_units,
         dropout=dropout,
+        beam_width=beam_width,
+        length_penalty=length_penalty,
+        max_decode_length=max_decode_length,
         name=name,
     )
     model.build([(None, None), (None, None)])

@@ -1,0 +1,122 @@
+"""In-graph autoregressive decoding: greedy and beam search as ``tf.while_loop``s.
+
+Both work on any model that exposes one decoder step,
+``step(token [B], states: list of [B, ...]) -> (logits [B, V], new states, attention [B, S])``,
+over ``context``: a list of per-sentence tensors (encoder annotations, keys, mask...) that
+the beam search tiles ``beam_width`` times. ``step`` receives ``*context`` after its states.
+Token ids: ``pad_id`` (0) is never predicted and fills finished rows, ``end_id`` ends a
+sentence, ``banned`` ids (e.g. ``[START]``) are never predicted.
+
+Beam search keeps the ``beam_width`` best partial hypotheses by total log-probability;
+finished hypotheses are carried with their score unchanged. The final choice divides by
+the GNMT length penalty ``((5 + length) / 6) ** alpha`` (Wu et al. 2016); ``alpha = 0``
+picks the highest log-probability. With ``beam_width = 1`` the search is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+NEG = -1e9
+
+
+def _ban(logp: tf.Tensor, banned: tuple[int, ...]) -> tf.Tensor:
+    if not banned:
+        return logp
+    vocab = tf.shape(logp)[-1]
+    hit = tf.reduce_any(tf.equal(tf.range(vocab)[:, None], tf.constant(banned, tf.int32)[None, :]), axis=1)
+    return tf.where(hit, tf.constant(NEG, logp.dtype), logp)
+
+
+def greedy_decode(step, states, context, batch, start_id, end_id, max_length, banned=(0,)):
+    """Greedy decoding. Returns (tokens int32 [B, T], scores float32 [B] = sum of log-probs,
+    attention float32 [B, T, S]); tokens after ``end_id`` are 0."""
+    token = tf.fill([batch], tf.constant(start_id, tf.int32))
+    finished = tf.zeros([batch], tf.bool)
+    score = tf.zeros([batch], tf.float32)
+    tokens_ta = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])
+    attn_ta = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[None, None])
+
+    def cond(t, token, states, finished, score, tokens_ta, attn_ta):
+        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
+
+    def body(t, token, states, finished, score, tokens_ta, attn_ta):
+        logits, new_states, attention = step(token, list(states), *context)
+        logp = _ban(tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1), banned)
+        nxt = tf.argmax(logp, axis=-1, output_type=tf.int32)
+        gained = tf.gather(logp, nxt, batch_dims=1)
+        nxt = tf.where(finished, tf.zeros_like(nxt), nxt)
+        score = score + tf.where(finished, tf.zeros_like(gained), gained)
+        tokens_ta = tokens_ta.write(t, nxt)
+        attn_ta = attn_ta.write(t, tf.cast(attention, tf.float32))
+        finished = tf.logical_or(finished, tf.equal(nxt, end_id))
+        return t + 1, nxt, tuple(new_states), finished, score, tokens_ta, attn_ta
+
+    _, _, _, _, score, tokens_ta, attn_ta = tf.while_loop(
+        cond, body, (tf.constant(0), token, tuple(states), finished, score, tokens_ta, attn_ta),
+        maximum_iterations=max_length,
+    )
+    tokens = tf.transpose(tokens_ta.stack(), [1, 0])
+    attention = tf.transpose(attn_ta.stack(), [1, 0, 2])
+    return tokens, score, attention
+
+
+def beam_search_decode(
+    step, states, context, batch, start_id, end_id, max_length, beam_width, length_penalty=0.0, banned=(0,)
+):
+    """Beam search. Returns (tokens int32 [B, T] of the best hypothesis, 0 after ``end_id``;
+    scores float32 [B] = its log-probability divided by the length penalty)."""
+    k = beam_width
+    tile = lambda x: tf.repeat(x, k, axis=0)  # noqa: E731 - [B, ...] -> [B * K, ...]
+    states = [tile(s) for s in states]
+    context = [tile(c) for c in context]
+    log_probs = tf.tile(tf.concat([[0.0], tf.fill([k - 1], NEG)], axis=0)[None, :], [batch, 1])  # [B, K]
+    token = tf.fill([batch * k], tf.constant(start_id, tf.int32))
+    finished = tf.zeros([batch, k], tf.bool)
+    lengths = tf.zeros([batch, k], tf.float32)
+    history = tf.zeros([batch, k, 0], tf.int32)
+    offsets = (tf.range(batch) * k)[:, None]  # [B, 1]
+
+    def cond(t, token, states, log_probs, finished, lengths, history):
+        return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
+
+    def body(t, token, states, log_probs, finished, lengths, history):
+        logits, new_states, _ = step(token, list(states), *context)
+        logp = _ban(tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1), banned)
+        vocab = tf.shape(logp)[-1]
+        logp = tf.reshape(logp, [batch, k, vocab])
+        # a finished hypothesis continues only with padding, at no cost
+        pad_only = tf.concat([tf.zeros([1]), tf.fill([vocab - 1], NEG)], axis=0)
+        logp = tf.where(finished[:, :, None], pad_only[None, None, :], logp)
+        total = tf.reshape(log_probs[:, :, None] + logp, [batch, k * vocab])
+        log_probs, index = tf.math.top_k(total, k=k)  # [B, K]
+        beam = index // vocab
+        nxt = index % vocab
+        was_finished = tf.gather(finished, beam, batch_dims=1)
+        lengths = tf.gather(lengths, beam, batch_dims=1) + tf.where(was_finished, 0.0, 1.0)
+        finished = tf.logical_or(was_finished, tf.equal(nxt, end_id))
+        history = tf.concat([tf.gather(history, beam, batch_dims=1), nxt[:, :, None]], axis=2)
+        flat = tf.reshape(offsets + beam, [-1])
+        states = tuple(tf.gather(s, flat) for s in new_states)
+        return t + 1, tf.reshape(nxt, [-1]), states, log_probs, finished, lengths, history
+
+    _, _, _, log_probs, finished, lengths, history = tf.while_loop(
+        cond,
+        body,
+        (tf.constant(0), token, tuple(states), log_probs, finished, lengths, history),
+        shape_invariants=(
+            tf.TensorShape([]),
+            tf.TensorShape([None]),
+            tuple(tf.TensorShape([None] + s.shape[1:].as_list()) for s in states),
+            tf.TensorShape([None, k]),
+            tf.TensorShape([None, k]),
+            tf.TensorShape([None, k]),
+            tf.TensorShape([None, k, None]),
+        ),
+        maximum_iterations=max_length,
+    )
+    penalty = tf.pow((5.0 + lengths) / 6.0, float(length_penalty))
+    normalized = log_probs / penalty
+    best = tf.argmax(normalized, axis=1, output_type=tf.int32)
+    tokens = tf.gather(history, best, batch_dims=1)
+    return tokens, tf.gather(normalized, best, batch_dims=1)
