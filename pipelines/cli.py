@@ -64,16 +64,29 @@ def cmd_train(args) -> int:
     from pipelines.runtime import quiet_tensorflow
 
     quiet_tensorflow()
-    from pipelines.config import load_config
     from pipelines.train import check_config, run_experiment
+    from pipelines.variants import load_runs
 
-    config = load_config(args.config, args.set)
-    check_config(config)
-    summary = run_experiment(config)
+    configs = load_runs(args.config, args.set, only=args.variant)  # one, or one per variant
+    for config in configs:
+        check_config(config)
     keys = ("run_id", "experiment", "metrics", "model_name", "model_version", "aliases", "export_path")
-    out = {k: summary.to_dict()[k] for k in keys}
+    outs = []
+    for config in configs:
+        summary = run_experiment(config)
+        outs.append({k: summary.to_dict()[k] for k in keys})
+        if len(configs) > 1:
+            outs[-1]["variant"] = config.tracking.run_name
     print("\n== deeptrends train: summary ==")
-    _summary_out(out, args.output_json)
+    _summary_out(outs[0] if len(outs) == 1 else outs, args.output_json)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipelines.compare import compare
+
+    compare(args.experiment, Path(args.output) if args.output else None, args.tracking_uri,
+            args.param, args.x, args.group)
     return 0
 
 
@@ -101,7 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--output-json", metavar="FILE", help="also write the run summary as JSON here")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME",
+                   help="run only this variant of a config with `variants:` (repeatable)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("compare", help="the finished runs of one MLflow experiment side by side (table + plot)")
+    p.add_argument("experiment", help="the MLflow experiment (a config's name)")
+    p.add_argument("--param", action="append", default=[], metavar="PARAM", help="a run param to show, e.g. model.name")
+    p.add_argument("--x", default=None, metavar="PARAM", help="plot metrics over this param (e.g. data.length)")
+    p.add_argument("--group", default=None, metavar="PARAM", help="one line per value of this param (e.g. model.name)")
+    p.add_argument("--output", default=None, help="folder for runs.csv and compare.png (default compare/EXPERIMENT)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(fn=cmd_compare)
 
     sub.add_parser("configs", help="list the shipped experiment configs").set_defaults(fn=cmd_configs)
     sub.add_parser("models", help="list the registered models").set_defaults(fn=cmd_models)

@@ -275,5 +275,7 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentCo
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a registered experiment or YAML file, apply overrides, validate."""
     path = resolve_config_path(name_or_path)
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    raw = read_yaml(path)
+    raw.pop("variants", None)  # the base of a several-run experiment (pipelines/variants.py)
+    raw = apply_overrides(raw, list(overrides or []))
     return validate_config(raw, source=str(path) if path.parent != CONFIG_DIR else repr(path.stem))

@@ -1,0 +1,120 @@
+"""``deeptrends compare EXPERIMENT``: the finished runs of one MLflow experiment side by side.
+
+Prints a table (run name, chosen params, every ``eval_*`` metric plus ``train_seconds``,
+``seconds_per_epoch`` and ``num_params`` where logged) and writes, into ``--output``
+(default ``compare/<experiment>/``), ``runs.csv`` and ``compare.png``: one panel per
+metric, a bar per run, or, with ``--x PARAM``, a line per ``--group PARAM`` value over
+``PARAM`` (e.g. ``--x data.length --group model.name`` shows where each cell fails as
+sequences grow). Generic over any experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+EXTRA_METRICS = ("train_seconds", "seconds_per_epoch", "num_params", "export_max_abs_diff")
+
+
+def _num(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def collect(experiment: str, tracking_uri: str | None = None, params: list[str] | None = None):
+    """(rows, metric names): one row per finished run, oldest first."""
+    import os
+
+    import mlflow
+
+    from pipelines.config import ConfigError
+    from pipelines.tracking import DEFAULT_URI
+
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"EXPERIMENT {experiment!r}: no such MLflow experiment. Experiments: {', '.join(names) or 'none'}")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    if not runs:
+        raise ConfigError(f"EXPERIMENT {experiment!r}: no finished runs")
+    metric_names = sorted(
+        {k for r in runs for k in r.data.metrics if k.startswith("eval_")}
+        | {k for r in runs for k in r.data.metrics if k in EXTRA_METRICS}
+    )
+    rows = []
+    for r in runs:
+        row = {"run": r.info.run_name or r.info.run_id[:8], "run_id": r.info.run_id}
+        for p in params or []:
+            row[p] = _num(r.data.params.get(p))
+        for m in metric_names:
+            row[m] = r.data.metrics.get(m)
+        rows.append(row)
+    return rows, metric_names
+
+
+def plot(rows, metric_names, path: Path, title: str, x: str | None = None, group: str | None = None) -> Path:
+    from pipelines.plots import _pyplot
+
+    plt = _pyplot()
+    metrics = [m for m in metric_names if any(isinstance(r.get(m), float) for r in rows)]
+    cols = min(3, max(1, len(metrics)))
+    nrows = math.ceil(max(1, len(metrics)) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.6 * nrows), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        if x:
+            groups: dict = {}
+            for r in rows:
+                if r.get(m) is not None and r.get(x) is not None:
+                    groups.setdefault(r.get(group) if group else "runs", []).append((r[x], r[m]))
+            for label, points in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                points.sort(key=lambda p: p[0])
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=str(label))
+            ax.set_xlabel(x)
+            ax.legend(fontsize=8)
+        else:
+            names = [r["run"] for r in rows]
+            ax.bar(range(len(rows)), [r.get(m) or 0.0 for r in rows])
+            ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(experiment: str, output: Path | None = None, tracking_uri: str | None = None,
+            params: list[str] | None = None, x: str | None = None, group: str | None = None) -> Path:
+    """Print the table and write ``runs.csv`` and ``compare.png``; returns the folder."""
+    params = list(dict.fromkeys([*(params or []), *([x] if x else []), *([group] if group else [])]))
+    rows, metric_names = collect(experiment, tracking_uri, params)
+    out = output or Path("compare") / experiment
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["run", *params, *metric_names]
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["run", "run_id", *params, *metric_names])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, metric_names, out / "compare.png", experiment, x, group)
+    print(f"\nwrote {out / 'runs.csv'} and {out / 'compare.png'}")
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
