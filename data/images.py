@@ -60,7 +60,8 @@ class ImageInputSpec:
     augment: Augment = field(default_factory=Augment)
     options: dict = field(default_factory=dict)
     drop_remainder: bool = False
-    start_epoch: int = 0  # resume: the stream continues at this epoch
+    start_epoch: int = 0  # resume: the stream continues at this epoch ...
+    start_step: int = 0  # ... and at this batch within it
 
 
 @dataclass
@@ -196,6 +197,7 @@ def build_image_datasets(spec: ImageInputSpec) -> tuple[tf.data.Dataset, tf.data
     train = (
         tf.data.Dataset.range(spec.start_epoch, 2**31)
         .flat_map(one_epoch)
+        .skip(spec.start_step)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )

@@ -13,6 +13,17 @@ def check_choice(name: str, value: object, accepted: tuple) -> None:
         raise ValueError(f"`{name}` must be one of {list(accepted)}. Received: {name}={value!r}")
 
 
+@keras.saving.register_keras_serializable(package="deeptrends")
+class ChannelPReLU(keras.layers.PReLU):
+    """PReLU with one learned slope per channel, shared over the spatial axes
+    (He et al. 2015), whatever the rank of its input; initialised at 0.25."""
+
+    def build(self, input_shape):
+        if self.shared_axes is None:
+            self.shared_axes = list(range(1, len(input_shape) - 1))
+        super().build(input_shape)
+
+
 def activation_layer(activation: str, name: str) -> keras.layers.Layer:
     """One activation layer by name.
 
@@ -25,9 +36,7 @@ def activation_layer(activation: str, name: str) -> keras.layers.Layer:
     """
     check_choice("activation", activation, ACTIVATIONS)
     if activation == "prelu":
-        return keras.layers.PReLU(
-            alpha_initializer=keras.initializers.Constant(0.25), shared_axes=None, name=name
-        )
+        return ChannelPReLU(alpha_initializer=keras.initializers.Constant(0.25), name=name)
     return keras.layers.Activation(activation, name=name)
 
 

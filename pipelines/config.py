@@ -95,6 +95,8 @@ class TrainConfig(_Section):
     global_clipnorm: float | None = Field(None, gt=0.0)
     bptt_steps: int | None = Field(None, gt=0, description="language models: truncated BPTT over stateful chunks of this many steps")
     validation_freq: int = Field(1, gt=0)
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N steps")
+    scale_learning_rate: bool = Field(False, description="linear scaling: lr x replicas")
     early_stopping_patience: int | None = Field(None, gt=0)
     tensorboard: bool = False
     verbose: Literal[0, 1, 2] = 1
@@ -110,14 +112,25 @@ class TrainConfig(_Section):
         return {"name": value} if isinstance(value, str) else value
 
 
+class ClusterConfig(_Section):
+    """A multi-worker cluster spelled out in the config (else ``TF_CONFIG`` is used)."""
+
+    workers: list[str] = Field(min_length=1, description="host:port of every worker, chief first")
+    index: int = Field(0, ge=0, description="this process's index in workers")
+
+
 class RuntimeConfig(_Section):
     seed: int = 42
-    strategy: Literal["default", "one_device", "mirrored"] = "default"
+    strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"] = "default"
     devices: list[str] | None = Field(None, description="device list for one_device/mirrored")
+    virtual_cpus: int | None = Field(None, ge=1, description="split the CPU into N logical devices")
+    cluster: ClusterConfig | None = None
+    collective: Literal["auto", "ring", "nccl"] = "auto"
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     jit_compile: bool = False
     deterministic_ops: bool = False
     work_dir: str = Field("runs", description="run directories: <work_dir>/<name>/<run_id>/")
+    resume: bool = Field(True, description="resume an interrupted run of the same config")
 
 
 class GateConfig(_Section):

@@ -79,8 +79,17 @@ class Task:
     name: ClassVar[str] = ""
     metric_names: ClassVar[tuple[str, ...]] = ()  # what ``evaluate`` returns; the gate picks one
 
+    # Whether ``build_inputs`` starts the train stream at ``start_epoch``/``start_step``
+    # (cheap resumption). Otherwise the driver skips the batches already trained on.
+    supports_start_position: ClassVar[bool] = False
+
     def __init__(self, config: ExperimentConfig):
         self.config = config
+        # Set by the driver before ``build_inputs``: where a resumed run continues, and how
+        # many replicas share each global batch (drop partial batches when more than one).
+        self.start_epoch = 0
+        self.start_step = 0
+        self.num_replicas = 1
 
     # -- data and model -----------------------------------------------------------
     def build_inputs(self) -> Inputs:

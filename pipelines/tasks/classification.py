@@ -26,6 +26,7 @@ def _main_output(outputs):
 class ClassificationTask(Task):
     """Supervised image classification with a softmax classifier."""
 
+    supports_start_position = True
     metric_names = ("loss", "accuracy", "top5_accuracy", "top1_error", "top5_error")
     aux_loss_weight = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014)
 
@@ -43,6 +44,9 @@ class ClassificationTask(Task):
             deterministic=cfg.data.deterministic,
             augment=Augment(**cfg.data.augment.model_dump()),
             options=cfg.data.options(),
+            drop_remainder=self.num_replicas > 1,
+            start_epoch=self.start_epoch,
+            start_step=self.start_step,
         )
 
     def build_inputs(self) -> Inputs:

@@ -34,3 +34,12 @@ def test_features_and_bad_arguments():
         models.create_model("lenet5", activation="swish")
     with pytest.raises(ValueError, match="input_shape"):
         models.create_model("lenet5", input_shape=(16, 16, 1))
+
+
+def test_prelu_has_one_slope_per_channel(tmp_path):
+    model = models.create_model("lenet5", activation="prelu")
+    assert model.get_layer("c1_act").get_weights()[0].shape == (1, 1, 6)
+    assert model.get_layer("f6_act").get_weights()[0].shape == (84,)
+    path = tmp_path / "prelu.keras"
+    model.save(path)
+    assert keras.saving.load_model(path).count_params() == model.count_params()

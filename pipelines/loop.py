@@ -1,0 +1,222 @@
+"""One training loop for every strategy and every task.
+
+Keras ``Model.fit`` does not run under ``MultiWorkerMirroredStrategy`` in Keras 3
+(keras-team/keras#20585: PerReplica values reach a tensor conversion). This loop is
+the thin part of ``fit`` we need, written once for all strategies: it runs the model's
+own ``train_step``/``test_step`` (so custom steps of GANs, VAEs, RBMs work unchanged)
+under ``strategy.run`` inside a ``tf.function``, reduces the per-replica logs with a
+cross-replica mean, and drives ordinary Keras callbacks (progress bar, History,
+TerminateOnNaN, EarlyStopping, TensorBoard, MLflow) plus a checkpoint that stores the
+model, the optimizer and the exact (epoch, step) position for resumption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+@dataclass
+class Position:
+    """Where training stands: ``epoch`` (0-based) and ``step`` within it."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def _reduce(strategy: tf.distribute.Strategy, logs):
+    def reduce(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+        return value
+
+    return tf.nest.map_structure(reduce, logs)
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Saves model + optimizer + position every epoch and every ``every_n_steps`` steps
+    with ``tf.train.CheckpointManager``; ``restore`` returns the position to resume at.
+
+    In a multi-worker job every worker saves (saving reads distributed variables and
+    must run everywhere) into its own folder, so it also works without a shared disk.
+    """
+
+    def __init__(self, directory: str | Path, every_n_steps: int | None = None, max_to_keep: int = 2):
+        super().__init__()
+        self.directory = Path(directory)
+        self.every_n_steps = every_n_steps
+        self.max_to_keep = max_to_keep
+        self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="ckpt_epoch")
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="ckpt_step")
+        self._manager: tf.train.CheckpointManager | None = None
+        self._current_epoch = 0
+
+    @staticmethod
+    def peek(directory: str | Path) -> Position | None:
+        """The saved position, read without building anything (None: nothing saved)."""
+        latest = tf.train.latest_checkpoint(str(directory))
+        if not latest:
+            return None
+        reader = tf.train.load_checkpoint(latest)
+        return Position(
+            int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")),
+            int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")),
+        )
+
+    def attach(self, model) -> None:
+        self.set_model(model)
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        objects = {"model": model, "epoch": self._epoch, "step": self._step}
+        if model.optimizer is not None:
+            objects["optimizer"] = model.optimizer
+        ckpt = tf.train.Checkpoint(**objects)
+        self._manager = tf.train.CheckpointManager(ckpt, str(self.directory), max_to_keep=self.max_to_keep)
+
+    def restore(self) -> Position:
+        assert self._manager is not None, "attach(model) first"
+        latest = self._manager.latest_checkpoint
+        if not latest:
+            return Position()
+        self._manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        position = Position(int(self._epoch.numpy()), int(self._step.numpy()))
+        log.info("resumed from %s at epoch %d step %d", latest, position.epoch + 1, position.step)
+        return position
+
+    def save(self, epoch: int, step: int) -> str:
+        self._epoch.assign(epoch)
+        self._step.assign(step)
+        return self._manager.save()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_steps and (batch + 1) % self.every_n_steps == 0:
+            self.save(self._current_epoch, batch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1, 0)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _step_function(model, strategy, step_fn, jit_compile: bool):
+    inner = tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
+
+    @tf.function
+    def run(batch):
+        return _reduce(strategy, strategy.run(inner, args=(batch,)))
+
+    return run
+
+
+def fit(
+    model,
+    strategy: tf.distribute.Strategy,
+    train_data: tf.data.Dataset,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    validation_data: tf.data.Dataset | None = None,
+    validation_freq: int = 1,
+    callbacks: list | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
+    start: Position | None = None,
+    verbose: int = 1,
+    jit_compile: bool = False,
+) -> dict[str, list[float]]:
+    """Train ``model`` from ``start`` (a restored position) to ``epochs``.
+
+    ``train_data`` repeats without end and begins at ``start`` (the caller builds it so);
+    ``steps_per_epoch`` batches make an epoch. Returns the History dict of this call.
+    """
+    start = start or Position()
+    all_callbacks = list(callbacks or []) + ([checkpoint] if checkpoint else [])
+    cbs = keras.callbacks.CallbackList(
+        all_callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+        epochs=epochs, steps=steps_per_epoch, model=model,
+    )
+    train_step = _step_function(model, strategy, model.train_step, jit_compile)
+    test_step = _step_function(model, strategy, model.test_step, jit_compile)
+    iterator = iter(strategy.experimental_distribute_dataset(train_data))
+    dist_val = strategy.experimental_distribute_dataset(validation_data) if validation_data is not None else None
+
+    model.stop_training = False
+    cbs.on_train_begin()
+    logs: dict = {}
+    with _SigtermFlag() as sigterm:
+        for epoch in range(start.epoch, epochs):
+            model.reset_metrics()
+            cbs.on_epoch_begin(epoch)
+            first = start.step if epoch == start.epoch else 0
+            for step in range(first, steps_per_epoch):
+                cbs.on_train_batch_begin(step)
+                logs = train_step(next(iterator))
+                cbs.on_train_batch_end(step, logs)
+                if sigterm.raised:
+                    where = checkpoint.save(epoch, step + 1) if checkpoint else None
+                    raise Preempted(f"SIGTERM at epoch {epoch + 1} step {step + 1}; checkpoint {where}")
+                if model.stop_training:
+                    break
+            epoch_logs = {k: float(v) for k, v in logs.items()}
+            if dist_val is not None and (epoch + 1) % validation_freq == 0:
+                model.reset_metrics()
+                val_logs: dict = {}
+                cbs.on_test_begin()
+                for i, batch in enumerate(dist_val):
+                    cbs.on_test_batch_begin(i)
+                    val_logs = test_step(batch)
+                    cbs.on_test_batch_end(i, val_logs)
+                val_logs = {k: float(v) for k, v in val_logs.items()}
+                cbs.on_test_end(val_logs)
+                epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            cbs.on_epoch_end(epoch, epoch_logs)
+            if model.stop_training:
+                break
+    cbs.on_train_end(logs=epoch_logs if logs else None)
+    history = model.history.history if getattr(model, "history", None) else {}
+    return {k: [float(v) for v in vals] for k, vals in history.items()}
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
