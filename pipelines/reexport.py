@@ -40,8 +40,8 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
     config = validate_config(yaml.safe_load(local.read_text()), source=f"run {mv.run_id}")
     info = json.loads(Path(client.download_artifacts(mv.run_id, "dataset_info.json")).read_text())
 
+    task = get_task(config.task)(config)  # first: imports the task's serializable Keras classes
     model = mlflow.keras.load_model(f"models:/{name}/{mv.version}")
-    task = get_task(config.task)(config)
     endpoints = task.endpoints(model, info, None)
     target = serving_dir / name / str(mv.version)
     staged = export.write_saved_model(

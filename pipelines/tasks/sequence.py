@@ -76,6 +76,7 @@ class ResetStates(keras.callbacks.Callback):
         reset_recurrent_states(self.model)
 
 
+@keras.saving.register_keras_serializable(package="deeptrends")
 class Perplexity(keras.metrics.Mean):
     """``exp`` of the mean token cross-entropy (from logits); padding (label 0) ignored."""
 
@@ -91,6 +92,7 @@ class Perplexity(keras.metrics.Mean):
         return keras.ops.exp(super().result())
 
 
+@keras.saving.register_keras_serializable(package="deeptrends")
 def _masked_lm_loss(y_true, y_pred):
     ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
     mask = keras.ops.cast(keras.ops.not_equal(y_true, 0), ce.dtype)

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
+import models.seq2seq  # noqa: F401 - registers Seq2Seq for loading saved translators
 from data.catalog import check_options, get_dataset
 from data.translation import END, START, build_translation_datasets, detokenize, standardize
 from pipelines.config import ConfigError
@@ -151,6 +152,7 @@ class Translator(keras.Model):
         return cls(**config)
 
 
+@keras.saving.register_keras_serializable(package="deeptrends")
 class MaskedAccuracy(keras.metrics.Mean):
     """Next-token accuracy over non-padding positions (teacher forcing)."""
 
