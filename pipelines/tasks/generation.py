@@ -263,7 +263,7 @@ class GenerationTask(Task):
         if self.family == "rbm":
             out.append(gen.GreedyLayerSchedule(self.epochs_per_layer(self._layers)))
         if self.options.max_train_minutes:
-            out.append(TimeLimit(self.options.max_train_minutes * 60.0))
+            out.append(TimeLimit(self.options.max_train_minutes * 60.0, restore_best=self.family in ("vae", "draw")))
         if self.options.sample_every:
             out.append(SampleGrids(self, run_dir / "artifacts" / "samples", self.options.sample_every))
         return out
@@ -527,11 +527,15 @@ def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Stop training at the first batch end after ``seconds`` of wall time."""
+    """Stop training at the first batch end after ``seconds`` of wall time. With
+    ``restore_best`` (likelihood models), the weights of the epoch with the lowest
+    ``val_loss`` are restored when the limit stopped training."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, restore_best: bool = False):
         super().__init__()
         self.seconds = seconds
+        self.restore_best = restore_best
+        self.best, self.best_weights, self.stopped = float("inf"), None, False
 
     def on_train_begin(self, logs=None):
         import time
@@ -543,6 +547,16 @@ class TimeLimit(keras.callbacks.Callback):
 
         if time.monotonic() - self.start > self.seconds:
             self.model.stop_training = True
+            self.stopped = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if self.restore_best and value is not None and float(value) < self.best:
+            self.best, self.best_weights = float(value), self.model.network.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.stopped and self.best_weights is not None:
+            self.model.network.set_weights(self.best_weights)
 
 
 class SampleGrids(keras.callbacks.Callback):

@@ -1,0 +1,81 @@
+"""Quality targets of the generative models on MNIST 8,000/2,000 (issue 5).
+
+Runs one shipped config through the real driver (train -> evaluate -> export -> register)
+under a wall-time budget for training, then checks the targets and writes the result as
+JSON beside this file (``benchmarks/results/<config>.json``). Bernoulli models (VAE,
+DRAW, RBM/DBN) see pixels binarised at 0.5 (their configs' ``task_options.binarize``).
+
+    DEEPTRENDS_DATA_DIR=../shared/datasets python benchmarks/generative_quality.py vae-mnist
+    python benchmarks/generative_quality.py dcgan-mnist --minutes 15 --set train.batch_size=128
+
+Targets (the issue's): VAE test neg-ELBO <= 95 nats within 10 min; DRAW <= 100 nats;
+DBN classifier >= 0.97 accuracy; DCGAN Fréchet distance <= 150, >= 75 % confident
+samples, no class under 4 %, within 15 min; MLP GAN FD <= 300 and >= 60 % confident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {
+    "vae-mnist": {"minutes": 10, "checks": [("neg_elbo", "<=", 95.0)]},
+    "draw-mnist": {"minutes": 30, "checks": [("neg_elbo", "<=", 100.0)]},
+    "dcgan-mnist": {
+        "minutes": 15,
+        "checks": [("fid", "<=", 150.0), ("confident_share", ">=", 0.75), ("min_class_share", ">=", 0.04)],
+    },
+    "gan-mnist": {"minutes": 15, "checks": [("fid", "<=", 300.0), ("confident_share", ">=", 0.60)]},
+    "dbn-classifier-mnist": {"minutes": None, "checks": [("accuracy", ">=", 0.97)]},
+}
+OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", choices=sorted(TARGETS))
+    parser.add_argument("--minutes", type=float, default=None, help="training wall-time budget (default: the target's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--work-dir", default="runs", help="run directories (relative to the current directory)")
+    args = parser.parse_args(argv)
+
+    from pipelines.config import load_config
+    from pipelines.train import run_experiment
+
+    target = TARGETS[args.config]
+    minutes = args.minutes if args.minutes is not None else target["minutes"]
+    overrides = [f"runtime.work_dir={args.work_dir}", "train.verbose=2", *args.set]
+    if minutes and args.config != "dbn-classifier-mnist":
+        overrides.append(f"task_options.max_train_minutes={minutes}")
+    config = load_config(args.config, overrides)
+    started = time.time()
+    summary = run_experiment(config)
+    seconds = time.time() - started
+    checks = []
+    for metric, op, bound in target["checks"]:
+        value = summary.metrics.get(metric)
+        checks.append({"metric": metric, "op": op, "bound": bound, "value": value,
+                       "passed": value is not None and OPS[op](value, bound)})
+    result = {
+        "config": args.config, "overrides": overrides, "train_minutes_budget": minutes,
+        "total_seconds": round(seconds, 1), "metrics": summary.metrics, "checks": checks,
+        "passed": all(c["passed"] for c in checks), "run_id": summary.run_id,
+        "model_version": summary.model_version, "machine": f"{platform.machine()} {platform.processor()}",
+    }
+    out = ROOT / "benchmarks" / "results" / f"{args.config}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
