@@ -119,18 +119,22 @@ def binarize(x: np.ndarray, threshold: float | None) -> np.ndarray:
 
 
 def repeating_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, drop_remainder: bool = True):
-    """Epoch after epoch of ``(x, y)``, each reshuffled with a seed of (seed, epoch)."""
+    """Epoch after epoch of ``(x, y)`` batches, each epoch a permutation keyed by
+    (seed, epoch) with a stateless generator (any seed, including 0, is reproducible)."""
     import tensorflow as tf
 
-    base = tf.data.Dataset.from_tensor_slices((x, y))
+    xs, ys = tf.constant(x), tf.constant(y)
     n = len(x)
 
     def one_epoch(epoch):
-        return base.shuffle(n, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+        key = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
 
     return (
         tf.data.Dataset.range(0, 2**31).flat_map(one_epoch)
-        .batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+        .map(lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
     )
 
 
@@ -372,7 +376,7 @@ class GenerationTask(Task):
         plots.learning_curves(history, out_dir / "learning_curves.png", title=self.config.name)
         network = model.network
         ev_state = self._eval
-        if ev_state:
+        if "samples" in ev_state:
             ev.save_grid(ev_state["samples"][:100], out_dir / "samples.png", columns=10)
             (out_dir / "sample_quality.json").write_text(
                 json.dumps({"class_shares": ev_state["class_shares"], "fid_classifier": ev_state["classifier"],
