@@ -71,9 +71,19 @@ def cmd_train(args) -> int:
     for config in configs:
         check_config(config)
     keys = ("run_id", "experiment", "metrics", "model_name", "model_version", "aliases", "export_path")
+    from pipelines.loop import Preempted
+
     outs = []
     for config in configs:
-        summary = run_experiment(config)
+        try:
+            summary = run_experiment(config)
+        except Preempted as exc:
+            print(
+                f"deeptrends: interrupted ({exc}).\nThe run is checkpointed: run the same command again "
+                "to resume it into the same MLflow run.",
+                file=sys.stderr,
+            )
+            return 143
         outs.append({k: summary.to_dict()[k] for k in keys})
         if len(configs) > 1:
             outs[-1]["variant"] = config.tracking.run_name
@@ -101,6 +111,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from pipelines.launch import launch
+
+    return launch(args.workers, args.config, args.set, args.output_json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deeptrends",
@@ -126,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="folder for runs.csv and compare.png (default compare/EXPERIMENT)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("launch", help="run CONFIG as a local multi-worker job (N processes, TF_CONFIG on loopback)")
+    p.add_argument("--workers", type=int, required=True, help="number of worker processes (worker 0 is the chief)")
+    p.add_argument("config", help="a registered experiment name or a YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--output-json", metavar="FILE", help="the chief writes the run summary here")
+    p.set_defaults(fn=cmd_launch)
 
     sub.add_parser("configs", help="list the shipped experiment configs").set_defaults(fn=cmd_configs)
     sub.add_parser("models", help="list the registered models").set_defaults(fn=cmd_models)

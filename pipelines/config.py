@@ -60,6 +60,7 @@ class DataConfig(BaseModel):
     cache: bool = True
     shuffle_buffer: int = Field(10_000, gt=0)
     deterministic: bool = True
+    drop_remainder: bool | None = Field(None, description="drop partial train batches (default: when replicas > 1)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     def options(self) -> dict[str, Any]:

@@ -38,11 +38,12 @@ def configure(runtime: RuntimeConfig):
         )
     if runtime.virtual_cpus:
         split_cpu(runtime.virtual_cpus)
+    strategy = make_strategy(runtime)  # first: multi-worker must configure collectives at start-up
     keras.utils.set_random_seed(runtime.seed)
     if runtime.deterministic_ops:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(runtime.mixed_precision)
-    return make_strategy(runtime)
+    return strategy
 
 
 def split_cpu(n: int) -> None:
@@ -65,8 +66,11 @@ def split_cpu(n: int) -> None:
 def make_strategy(runtime: RuntimeConfig):
     import tensorflow as tf
 
-    gpus = tf.config.list_logical_devices("GPU")
     kind = runtime.strategy
+    if kind in ("multi_worker", "tpu"):
+        gpus = []  # listing devices would initialise the context before collectives are set up
+    else:
+        gpus = tf.config.list_logical_devices("GPU")
     if kind == "auto":
         kind = "mirrored" if len(gpus) > 1 else "default"
     if kind == "default":

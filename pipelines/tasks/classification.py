@@ -44,7 +44,7 @@ class ClassificationTask(Task):
             deterministic=cfg.data.deterministic,
             augment=Augment(**cfg.data.augment.model_dump()),
             options=cfg.data.options(),
-            drop_remainder=self.num_replicas > 1,
+            drop_remainder=cfg.data.drop_remainder if cfg.data.drop_remainder is not None else self.num_replicas > 1,
             start_epoch=self.start_epoch,
             start_step=self.start_step,
         )
