@@ -6,6 +6,9 @@ shapes; bad task options are named. Runs on the embedded 8x8 digits (no MNIST ne
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -203,3 +206,39 @@ def test_bad_task_options_are_named(tmp_path):
         make_task("dbn", tmp_path, "task_options.epochs_per_layer=[1,1,1]").build_model(
             {"image_shape": [8, 8, 1]}
         )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_driver_runs_vae_and_dbn_classifier_end_to_end(tmp_path, monkeypatch):
+    """Through ``run_experiment``: MLflow run with sample artifacts, registered version
+    gated on neg_elbo, TF Serving export with generate/encode/decode; then the DBN
+    classifier, pre-trained greedily in the run, fine-tuned and exported."""
+    mlflow = pytest.importorskip("mlflow")
+    from pipelines.train import run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    common = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"runtime.work_dir={tmp_path / 'runs'}",
+              f"export.serving_dir={tmp_path / 'serving'}", "train.verbose=0", "export.warmup_requests=1"]
+    summary = run_experiment(load_config(
+        "vae-digits", [*common, "train.epochs=2", "task_options.iw_samples=3", "task_options.fid_samples=100"]
+    ))
+    assert summary.model_version == "1" and summary.aliases == ["champion"]
+    assert summary.gate["gate.metric"] == "neg_elbo"
+    for key in ("neg_elbo", "iw_neg_elbo", "fid", "fid_real", "fid_untrained", "confident_share"):
+        assert np.isfinite(summary.metrics[key]), key
+    artifacts = {p.name for p in (Path(summary.run_dir) / "artifacts").rglob("*")}
+    assert {"samples.png", "epoch_001.png", "interpolation.png", "arithmetic.png", "reconstructions.png",
+            "sample_quality.json"} <= artifacts
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.run_id)}
+    assert {"samples", "interpolation.png", "sample_quality.json"} <= logged
+    saved = tf.saved_model.load(summary.export_path)
+    assert {"serving_default", "generate_latents", "encode", "decode"} <= set(saved.signatures)
+
+    clf = run_experiment(load_config("dbn-classifier-mnist", [
+        *common, "data.name=digits", "data.image_size=8", "model.hidden_units=[64,64]", "train.epochs=3",
+        "task_options.epochs_per_layer=[5,5]", "task_options.batch_size=32", "train.learning_rate=0.003",
+    ]))
+    assert clf.metrics["accuracy"] > 0.5
+    pretraining = json.loads((Path(clf.run_dir) / "artifacts" / "pretraining.json").read_text())
+    assert pretraining["kind"] == "pretrained_in_run" and pretraining["layers_copied"] == 2
