@@ -5,7 +5,8 @@ wall-clock training budget (default 20 minutes; training stops at the first batc
 it), then reports sacrebleu BLEU (lower-cased, 13a) for greedy and beam decoding, the
 signature, exact match, parameters and the seconds spent.
 
-    DEEPTRENDS_DATA_DIR=../shared/datasets python benchmarks/nmt_deu_eng.py [--minutes 20] [--set k=v ...]
+    DEEPTRENDS_DATA_DIR=../shared/datasets \
+        python benchmarks/nmt_deu_eng.py [--minutes 20] [--set k=v ...]
 """
 
 from __future__ import annotations

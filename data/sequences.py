@@ -62,7 +62,9 @@ def generate_adding(n: int, length: int, rng: np.random.Generator) -> tuple[np.n
     return np.stack([values, markers], axis=-1), y
 
 
-def generate_recall(n: int, length: int, symbols: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def generate_recall(
+    n: int, length: int, symbols: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """First-symbol recall: x [n, length] int32 in 1..symbols, y [n] int32 in 0..symbols-1."""
     x = rng.integers(1, symbols + 1, size=(n, length)).astype(np.int32)
     return x, (x[:, 0] - 1).astype(np.int32)
@@ -89,19 +91,27 @@ def load_generated(
         batch_size: int. The batch size.
     """
     if problem not in PROBLEMS:
-        raise DataError(f"data.problem must be one of {list(PROBLEMS)}. Received: problem={problem!r}")
+        raise DataError(
+            f"data.problem must be one of {list(PROBLEMS)}. Received: problem={problem!r}"
+        )
     for name, value in (("length", length), ("num_train", num_train), ("num_eval", num_eval)):
         _check_int(name, value)
     _check_int("symbols", symbols, 2)
     rng_train = np.random.default_rng([seed, 0])
     rng_eval = np.random.default_rng([seed, 1])
     if problem == "adding":
-        train, evals = generate_adding(num_train, length, rng_train), generate_adding(num_eval, length, rng_eval)
+        train, evals = (
+            generate_adding(num_train, length, rng_train),
+            generate_adding(num_eval, length, rng_eval),
+        )
         kind, info = "regression", {"input_dim": 2, "num_outputs": 1, "sequence_length": length}
     else:
         train = generate_recall(num_train, length, symbols, rng_train)
         evals = generate_recall(num_eval, length, symbols, rng_eval)
-        kind, info = "classification", {"vocab_size": symbols + 1, "num_outputs": symbols, "sequence_length": length}
+        kind, info = (
+            "classification",
+            {"vocab_size": symbols + 1, "num_outputs": symbols, "sequence_length": length},
+        )
     train_ds = (
         tf.data.Dataset.from_tensor_slices(train)
         .repeat()
@@ -110,10 +120,19 @@ def load_generated(
         .prefetch(tf.data.AUTOTUNE)
     )
     eval_ds = tf.data.Dataset.from_tensor_slices(evals).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    fp = hashlib.sha256(f"{problem}/{length}/{num_train}/{num_eval}/{symbols}/{seed}".encode()).hexdigest()[:16]
+    fp = hashlib.sha256(
+        f"{problem}/{length}/{num_train}/{num_eval}/{symbols}/{seed}".encode()
+    ).hexdigest()[:16]
     return SequenceData(
-        train_ds, eval_ds, kind, -(-num_train // batch_size), num_train, num_eval, fp,
-        f"generated:{problem}", {**info, "problem": problem},
+        train_ds,
+        eval_ds,
+        kind,
+        -(-num_train // batch_size),
+        num_train,
+        num_eval,
+        fp,
+        f"generated:{problem}",
+        {**info, "problem": problem},
     )
 
 
@@ -124,7 +143,9 @@ def read_text_lines(path: Path, column: int | None) -> list[str]:
     except FileNotFoundError:
         raise DataError(f"data.path: {path}: file not found") from None
     except UnicodeDecodeError as exc:
-        raise DataError(f"data.path: {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise DataError(
+            f"data.path: {path}: not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
     lines = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -150,7 +171,10 @@ def _chunks(ids: np.ndarray, seq_len: int, rows: int | None) -> tuple[np.ndarray
     per_row = (len(ids) - 1) // rows
     n = per_row // seq_len
     if n < 1:
-        raise DataError(f"The token stream ({len(ids)}) is too short for batch_size={rows} x bptt_steps={seq_len}.")
+        raise DataError(
+            f"The token stream ({len(ids)}) is too short for "
+            f"batch_size={rows} x bptt_steps={seq_len}."
+        )
     xs = ids[: rows * per_row].reshape(rows, per_row)[:, : n * seq_len]
     ys = ids[1 : rows * per_row + 1].reshape(rows, per_row)[:, : n * seq_len]
     # [rows, n, T] -> [n, rows, T] -> [n * rows, T]: consecutive batches continue each row
@@ -188,7 +212,9 @@ def load_text_lm(
     from data.translation import build_vocabulary, default_corpus_path, tokenize
 
     if not 0.0 < eval_fraction < 1.0:
-        raise DataError(f"data.eval_fraction must be in (0, 1). Received: eval_fraction={eval_fraction!r}")
+        raise DataError(
+            f"data.eval_fraction must be in (0, 1). Received: eval_fraction={eval_fraction!r}"
+        )
     _check_int("seq_len", seq_len)
     file = Path(path) if path else default_corpus_path()
     lines = read_text_lines(file, column)
@@ -208,28 +234,50 @@ def load_text_lm(
     index = {w: i for i, w in enumerate(vocab)}
 
     def stream(token_lists):
-        return np.array([index.get(t, 1) for tokens in token_lists for t in [*tokens, "<eos>"]], dtype=np.int32)
+        return np.array(
+            [index.get(t, 1) for tokens in token_lists for t in [*tokens, "<eos>"]], dtype=np.int32
+        )
 
     train_ids, eval_ids = stream(train_tok), stream(eval_tok)
     rows = batch_size if stateful else None
     tx, ty = _chunks(train_ids, seq_len, rows)
     ex, ey = _chunks(eval_ids, seq_len, rows)
     if len(ex) == 0:
-        raise DataError(f"{file}: the evaluation stream ({len(eval_ids)} tokens) is shorter than one window of {seq_len}")
+        raise DataError(
+            f"{file}: the evaluation stream ({len(eval_ids)} tokens) is shorter than "
+            f"one window of {seq_len}"
+        )
     if stateful:  # order matters: no shuffle, whole batches only
-        train_ds = tf.data.Dataset.from_tensor_slices((tx, ty)).batch(batch_size, drop_remainder=True).repeat()
-        eval_ds = tf.data.Dataset.from_tensor_slices((ex, ey)).batch(batch_size, drop_remainder=True)
+        train_ds = (
+            tf.data.Dataset.from_tensor_slices((tx, ty))
+            .batch(batch_size, drop_remainder=True)
+            .repeat()
+        )
+        eval_ds = tf.data.Dataset.from_tensor_slices((ex, ey)).batch(
+            batch_size, drop_remainder=True
+        )
         steps = len(tx) // batch_size
     else:
         train_ds = (
-            tf.data.Dataset.from_tensor_slices((tx, ty)).repeat().shuffle(min(len(tx), 20_000), seed=seed).batch(batch_size)
+            tf.data.Dataset.from_tensor_slices((tx, ty))
+            .repeat()
+            .shuffle(min(len(tx), 20_000), seed=seed)
+            .batch(batch_size)
         )
         eval_ds = tf.data.Dataset.from_tensor_slices((ex, ey)).batch(batch_size)
         steps = -(-len(tx) // batch_size)
-    h = hashlib.sha256(f"{file}/{column}/{max_vocab}/{min_count}/{eval_fraction}/{max_lines}/{seed}".encode())
+    h = hashlib.sha256(
+        f"{file}/{column}/{max_vocab}/{min_count}/{eval_fraction}/{max_lines}/{seed}".encode()
+    )
     h.update(train_ids.tobytes())
     return SequenceData(
-        train_ds.prefetch(tf.data.AUTOTUNE), eval_ds.prefetch(tf.data.AUTOTUNE), "language_model",
-        max(1, steps), len(train_ids), len(eval_ids), h.hexdigest()[:16], f"text:{file}",
+        train_ds.prefetch(tf.data.AUTOTUNE),
+        eval_ds.prefetch(tf.data.AUTOTUNE),
+        "language_model",
+        max(1, steps),
+        len(train_ids),
+        len(eval_ids),
+        h.hexdigest()[:16],
+        f"text:{file}",
         {"vocab_size": len(vocab), "vocabulary": vocab, "seq_len": seq_len, "stateful": stateful},
     )

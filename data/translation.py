@@ -65,10 +65,15 @@ def tokenize(sentences: list[str], batch: int = 4096) -> list[list[str]]:
     return out
 
 
-def build_vocabulary(token_lists, reserved: tuple[str, ...], max_size: int | None, min_count: int = 1) -> list[str]:
+def build_vocabulary(
+    token_lists, reserved: tuple[str, ...], max_size: int | None, min_count: int = 1
+) -> list[str]:
     """``reserved`` then the words by falling frequency (ties alphabetical), capped."""
     counts = collections.Counter(t for tokens in token_lists for t in tokens)
-    words = sorted((w for w, c in counts.items() if c >= min_count and w not in reserved), key=lambda w: (-counts[w], w))
+    words = sorted(
+        (w for w, c in counts.items() if c >= min_count and w not in reserved),
+        key=lambda w: (-counts[w], w),
+    )
     if max_size is not None:
         words = words[: max(0, max_size - len(reserved))]
     return [*reserved, *words]
@@ -102,7 +107,9 @@ def read_parallel_corpus(
             attribution column) and use the first two.
     """
     if direction not in DIRECTIONS:
-        raise DataError(f"data.direction must be one of {list(DIRECTIONS)}. Received: direction={direction!r}")
+        raise DataError(
+            f"data.direction must be one of {list(DIRECTIONS)}. Received: direction={direction!r}"
+        )
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -129,7 +136,10 @@ def read_parallel_corpus(
             if len(fields) < 2:
                 problem = "no tab: expected source<TAB>target"
             elif len(fields) > 2 and not ignore_extra_columns:
-                problem = f"{len(fields)} tab-separated fields, expected 2 (set data.ignore_extra_columns to use the first two)"
+                problem = (
+                    f"{len(fields)} tab-separated fields, expected 2 "
+                    "(set data.ignore_extra_columns to use the first two)"
+                )
             elif not fields[0].strip() or not fields[1].strip():
                 problem = "an empty sentence"
         if problem is None and number == 1 and all(f.strip().isdigit() for f in fields[:2]):
@@ -183,7 +193,8 @@ def grouped_split(
     train = np.array(sorted(i for key in remaining for i in groups[key]), dtype=np.int64)
     if len(train) == 0:
         raise DataError(
-            f"The corpus ({len(sources)} pairs) leaves no training pairs after test_size={test_size} "
+            f"The corpus ({len(sources)} pairs) leaves no training pairs after "
+            f"test_size={test_size} "
             f"and validation_size={validation_size}; lower them."
         )
     return train, picked[1], picked[0]
@@ -207,7 +218,8 @@ def default_corpus_path() -> Path:
     if root is None:
         raise DataError(
             "data.path is not set and DEEPTRENDS_DATA_DIR is not set: point data.path at a "
-            "source<TAB>target file, or set DEEPTRENDS_DATA_DIR to the folder holding deu_eng/deu.txt."
+            "source<TAB>target file, or set DEEPTRENDS_DATA_DIR to the folder holding "
+            "deu_eng/deu.txt."
         )
     return root / "deu_eng" / "deu.txt"
 
@@ -239,7 +251,9 @@ def load_tsv_translation(
     for name, value in (("test_size", test_size), ("validation_size", validation_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"data.{name} must be a positive int. Received: {name}={value!r}")
-    corpus = read_parallel_corpus(path or default_corpus_path(), direction, skip_bad_lines, ignore_extra_columns)
+    corpus = read_parallel_corpus(
+        path or default_corpus_path(), direction, skip_bad_lines, ignore_extra_columns
+    )
     sources, targets = corpus.sources, corpus.targets
     if max_pairs is not None and max_pairs < len(sources):
         keep = np.sort(np.random.default_rng(split_seed).permutation(len(sources))[:max_pairs])
@@ -250,8 +264,10 @@ def load_tsv_translation(
         name: ([sources[i] for i in idx], [targets[i] for i in idx])
         for name, idx in (("train", train), ("validation", val), ("test", test))
     }
-    h = hashlib.sha256(f"{direction}/{split_seed}/{test_size}/{validation_size}/{max_pairs}".encode())
-    for s, t in zip(sources, targets):
+    h = hashlib.sha256(
+        f"{direction}/{split_seed}/{test_size}/{validation_size}/{max_pairs}".encode()
+    )
+    for s, t in zip(sources, targets, strict=False):
         h.update(s.encode() + b"\t" + t.encode() + b"\n")
     stats = {
         "pairs": len(sources),
@@ -295,7 +311,10 @@ def load_tfds_translation(
     except Exception as exc:  # noqa: BLE001 - TFDS raises several types for unknown names
         raise DataError(f"data.tfds_name: {tfds_name!r} is not a TFDS dataset ({exc})") from None
     if not builder.is_prepared():
-        raise DataError(f"data.tfds_name: TFDS {tfds_name!r} is not prepared under {builder.data_dir} (no network to download it).")
+        raise DataError(
+            f"data.tfds_name: TFDS {tfds_name!r} is not prepared under {builder.data_dir} "
+            "(no network to download it)."
+        )
     keys = builder.info.supervised_keys or (None, None)
     src_key, tgt_key = source_language or keys[0], target_language or keys[1]
     splits = {}
@@ -308,7 +327,9 @@ def load_tfds_translation(
             src.append(ex[src_key].decode("utf-8"))
             tgt.append(ex[tgt_key].decode("utf-8"))
         splits[name] = (src, tgt)
-    fp = hashlib.sha256(f"{tfds_name}/{builder.version}/{src_key}/{tgt_key}".encode()).hexdigest()[:16]
+    fp = hashlib.sha256(f"{tfds_name}/{builder.version}/{src_key}/{tgt_key}".encode()).hexdigest()[
+        :16
+    ]
     stats = {f"num_{k}": len(v[0]) for k, v in splits.items()}
     return ParallelSplits(splits, fp, f"tfds:{tfds_name}", stats)
 
@@ -361,7 +382,11 @@ def build_translation_datasets(
     """
     train_src, train_tgt = raw.splits["train"]
     src_tokens, tgt_tokens = tokenize(train_src), tokenize(train_tgt)
-    keep = [i for i, (s, t) in enumerate(zip(src_tokens, tgt_tokens)) if len(s) <= max_length and len(t) <= max_length]
+    keep = [
+        i
+        for i, (s, t) in enumerate(zip(src_tokens, tgt_tokens, strict=False))
+        if len(s) <= max_length and len(t) <= max_length
+    ]
     dropped = len(src_tokens) - len(keep)
     src_tokens = [src_tokens[i] for i in keep]
     tgt_tokens = [tgt_tokens[i] for i in keep]
@@ -393,7 +418,10 @@ def build_translation_datasets(
     val_src, val_tgt = raw.splits["validation"]
     vs, vin, vout = arrays(tokenize(val_src), tokenize(val_tgt)) if val_src else arrays([[]], [[]])
     validation = (
-        tf.data.Dataset.from_tensor_slices((vs, vin, vout)).batch(batch_size).map(trim).prefetch(tf.data.AUTOTUNE)
+        tf.data.Dataset.from_tensor_slices((vs, vin, vout))
+        .batch(batch_size)
+        .map(trim)
+        .prefetch(tf.data.AUTOTUNE)
     )
     return TranslationData(
         train=train,

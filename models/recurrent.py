@@ -106,7 +106,9 @@ def recurrent_network(
     check_dropout(recurrent_dropout, "recurrent_dropout")
     lm = head == "language_model"
     if lm and vocab_size is None:
-        raise ValueError("A language model needs `vocab_size` (token inputs). Received: vocab_size=None")
+        raise ValueError(
+            "A language model needs `vocab_size` (token inputs). Received: vocab_size=None"
+        )
     if lm and bidirectional:
         raise ValueError("A language model cannot be bidirectional. Received: bidirectional=True")
     if stateful:
@@ -115,8 +117,12 @@ def recurrent_network(
 
     batch = batch_size if stateful else None
     if vocab_size is not None:
-        inputs = keras.Input(shape=(sequence_length,), batch_size=batch, dtype="int32", name="tokens")
-        x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")(inputs)
+        inputs = keras.Input(
+            shape=(sequence_length,), batch_size=batch, dtype="int32", name="tokens"
+        )
+        x = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")(
+            inputs
+        )
     else:
         inputs = keras.Input(shape=(sequence_length, input_dim), batch_size=batch, name="sequences")
         x = inputs

@@ -120,14 +120,26 @@ class Seq2Seq(keras.Model):
                 raise ValueError(f"`{arg}` must be a positive int. Received: {arg}={value!r}")
         check_dropout(dropout)
         if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
-            raise ValueError(f"`beam_width` must be an int >= 1. Received: beam_width={beam_width!r}")
-        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty < 0:
-            raise ValueError(f"`length_penalty` must be a float >= 0. Received: length_penalty={length_penalty!r}")
-        if max_decode_length is not None and (
-            isinstance(max_decode_length, bool) or not isinstance(max_decode_length, int) or max_decode_length < 1
+            raise ValueError(
+                f"`beam_width` must be an int >= 1. Received: beam_width={beam_width!r}"
+            )
+        if (
+            isinstance(length_penalty, bool)
+            or not isinstance(length_penalty, (int, float))
+            or length_penalty < 0
         ):
             raise ValueError(
-                f"`max_decode_length` must be a positive int or None. Received: max_decode_length={max_decode_length!r}"
+                "`length_penalty` must be a float >= 0. "
+                f"Received: length_penalty={length_penalty!r}"
+            )
+        if max_decode_length is not None and (
+            isinstance(max_decode_length, bool)
+            or not isinstance(max_decode_length, int)
+            or max_decode_length < 1
+        ):
+            raise ValueError(
+                "`max_decode_length` must be a positive int or None. "
+                f"Received: max_decode_length={max_decode_length!r}"
             )
         self.beam_width = beam_width
         self.length_penalty = float(length_penalty)
@@ -142,14 +154,19 @@ class Seq2Seq(keras.Model):
         self.num_states = 2 if cell == "lstm" else 1
         rnn = keras.layers.LSTM if cell == "lstm" else keras.layers.GRU
 
-        self.source_embedding = keras.layers.Embedding(source_vocab_size, embedding_dim, name="source_embedding")
-        self.target_embedding = keras.layers.Embedding(target_vocab_size, embedding_dim, name="target_embedding")
+        self.source_embedding = keras.layers.Embedding(
+            source_vocab_size, embedding_dim, name="source_embedding"
+        )
+        self.target_embedding = keras.layers.Embedding(
+            target_vocab_size, embedding_dim, name="target_embedding"
+        )
         self.encoder = keras.layers.Bidirectional(
             rnn(units, return_sequences=True, return_state=True, name=f"encoder_{cell}"),
             name="encoder",
         )
         self.bridges = [
-            keras.layers.Dense(units, activation="tanh", name=f"bridge_{i}") for i in range(self.num_states)
+            keras.layers.Dense(units, activation="tanh", name=f"bridge_{i}")
+            for i in range(self.num_states)
         ]
         self.decoder = rnn(units, return_sequences=True, name=f"decoder_{cell}")
         self.attention = AdditiveAttention(attention_units, name="attention")
@@ -181,7 +198,8 @@ class Seq2Seq(keras.Model):
         annotations, states = outputs[0], outputs[1:]
         forward, backward = states[: self.num_states], states[self.num_states :]
         initial = [
-            bridge(ops.concatenate([f, b], axis=-1)) for bridge, f, b in zip(self.bridges, forward, backward)
+            bridge(ops.concatenate([f, b], axis=-1))
+            for bridge, f, b in zip(self.bridges, forward, backward, strict=False)
         ]
         return annotations, self.attention.project_keys(annotations), mask, initial
 
@@ -282,4 +300,3 @@ def seq2seq_attention(
 @register_model("seq2seq")
 def seq2seq(**kwargs):
     return seq2seq_attention(**kwargs)
-

@@ -29,7 +29,6 @@ def collect(experiment: str, tracking_uri: str | None = None, params: list[str] 
     import os
 
     import mlflow
-
     from pipelines.config import ConfigError
     from pipelines.tracking import DEFAULT_URI
 
@@ -38,8 +37,15 @@ def collect(experiment: str, tracking_uri: str | None = None, params: list[str] 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ConfigError(f"EXPERIMENT {experiment!r}: no such MLflow experiment. Experiments: {', '.join(names) or 'none'}")
-    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+        raise ConfigError(
+            f"EXPERIMENT {experiment!r}: no such MLflow experiment. "
+            f"Experiments: {', '.join(names) or 'none'}"
+        )
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
     if not runs:
         raise ConfigError(f"EXPERIMENT {experiment!r}: no finished runs")
     metric_names = sorted(
@@ -57,7 +63,9 @@ def collect(experiment: str, tracking_uri: str | None = None, params: list[str] 
     return rows, metric_names
 
 
-def plot(rows, metric_names, path: Path, title: str, x: str | None = None, group: str | None = None) -> Path:
+def plot(
+    rows, metric_names, path: Path, title: str, x: str | None = None, group: str | None = None
+) -> Path:
     from pipelines.plots import _pyplot
 
     plt = _pyplot()
@@ -65,7 +73,7 @@ def plot(rows, metric_names, path: Path, title: str, x: str | None = None, group
     cols = min(3, max(1, len(metrics)))
     nrows = math.ceil(max(1, len(metrics)) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.6 * nrows), squeeze=False)
-    for ax, m in zip(axes.flat, metrics):
+    for ax, m in zip(axes.flat, metrics, strict=False):
         if x:
             groups: dict = {}
             for r in rows:
@@ -82,7 +90,7 @@ def plot(rows, metric_names, path: Path, title: str, x: str | None = None, group
             ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(m)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -91,10 +99,18 @@ def plot(rows, metric_names, path: Path, title: str, x: str | None = None, group
     return path
 
 
-def compare(experiment: str, output: Path | None = None, tracking_uri: str | None = None,
-            params: list[str] | None = None, x: str | None = None, group: str | None = None) -> Path:
+def compare(
+    experiment: str,
+    output: Path | None = None,
+    tracking_uri: str | None = None,
+    params: list[str] | None = None,
+    x: str | None = None,
+    group: str | None = None,
+) -> Path:
     """Print the table and write ``runs.csv`` and ``compare.png``; returns the folder."""
-    params = list(dict.fromkeys([*(params or []), *([x] if x else []), *([group] if group else [])]))
+    params = list(
+        dict.fromkeys([*(params or []), *([x] if x else []), *([group] if group else [])])
+    )
     rows, metric_names = collect(experiment, tracking_uri, params)
     out = output or Path("compare") / experiment
     out.mkdir(parents=True, exist_ok=True)

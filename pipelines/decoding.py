@@ -24,7 +24,9 @@ def _ban(logp: tf.Tensor, banned: tuple[int, ...]) -> tf.Tensor:
     if not banned:
         return logp
     vocab = tf.shape(logp)[-1]
-    hit = tf.reduce_any(tf.equal(tf.range(vocab)[:, None], tf.constant(banned, tf.int32)[None, :]), axis=1)
+    hit = tf.reduce_any(
+        tf.equal(tf.range(vocab)[:, None], tf.constant(banned, tf.int32)[None, :]), axis=1
+    )
     return tf.where(hit, tf.constant(NEG, logp.dtype), logp)
 
 
@@ -53,7 +55,9 @@ def greedy_decode(step, states, context, batch, start_id, end_id, max_length, ba
         return t + 1, nxt, tuple(new_states), finished, score, tokens_ta, attn_ta
 
     _, _, _, _, score, tokens_ta, attn_ta = tf.while_loop(
-        cond, body, (tf.constant(0), token, tuple(states), finished, score, tokens_ta, attn_ta),
+        cond,
+        body,
+        (tf.constant(0), token, tuple(states), finished, score, tokens_ta, attn_ta),
         maximum_iterations=max_length,
     )
     tokens = tf.transpose(tokens_ta.stack(), [1, 0])
@@ -62,7 +66,16 @@ def greedy_decode(step, states, context, batch, start_id, end_id, max_length, ba
 
 
 def beam_search_decode(
-    step, states, context, batch, start_id, end_id, max_length, beam_width, length_penalty=0.0, banned=(0,)
+    step,
+    states,
+    context,
+    batch,
+    start_id,
+    end_id,
+    max_length,
+    beam_width,
+    length_penalty=0.0,
+    banned=(0,),
 ):
     """Beam search. Returns (tokens int32 [B, T] of the best hypothesis, 0 after ``end_id``;
     scores float32 [B] = its log-probability divided by the length penalty)."""
@@ -70,7 +83,9 @@ def beam_search_decode(
     tile = lambda x: tf.repeat(x, k, axis=0)  # noqa: E731 - [B, ...] -> [B * K, ...]
     states = [tile(s) for s in states]
     context = [tile(c) for c in context]
-    log_probs = tf.tile(tf.concat([[0.0], tf.fill([k - 1], NEG)], axis=0)[None, :], [batch, 1])  # [B, K]
+    log_probs = tf.tile(
+        tf.concat([[0.0], tf.fill([k - 1], NEG)], axis=0)[None, :], [batch, 1]
+    )  # [B, K]
     token = tf.fill([batch * k], tf.constant(start_id, tf.int32))
     finished = tf.zeros([batch, k], tf.bool)
     lengths = tf.zeros([batch, k], tf.float32)

@@ -42,7 +42,10 @@ def _parse_variants(raw: Any, source: str) -> list[tuple[str, list[str]]]:
     for i, item in enumerate(raw):
         where = f"{source}: variants[{i}]"
         if not isinstance(item, dict) or set(item) - {"name", "set"} or "name" not in item:
-            raise ConfigError(f"{where}: expected a mapping with keys 'name' and 'set' (a list of KEY=VALUE). Got {item!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping with keys 'name' and 'set' "
+                f"(a list of KEY=VALUE). Got {item!r}"
+            )
         name = item["name"]
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{where}.name: {name!r} must match {_NAME.pattern}")
@@ -57,7 +60,9 @@ def _parse_variants(raw: Any, source: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def load_runs(name_or_path: str, overrides: list[str] | None = None, only: list[str] | None = None) -> list[ExperimentConfig]:
+def load_runs(
+    name_or_path: str, overrides: list[str] | None = None, only: list[str] | None = None
+) -> list[ExperimentConfig]:
     """The validated config of every run a config asks for (one without ``variants``)."""
     path = resolve_config_path(name_or_path)
     raw = read_yaml(path)
@@ -73,7 +78,9 @@ def load_runs(name_or_path: str, overrides: list[str] | None = None, only: list[
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
-            raise ConfigError(f"--variant {unknown[0]!r}: not a variant of {source}. Variants: {', '.join(names)}")
+            raise ConfigError(
+                f"--variant {unknown[0]!r}: not a variant of {source}. Variants: {', '.join(names)}"
+            )
         parsed = [(n, s) for n, s in parsed if n in only]
     configs = []
     for name, sets in parsed:

@@ -118,7 +118,8 @@ class SequenceTask(Task):
             if cfg.train.bptt_steps:
                 raise ConfigError(
                     "train.bptt_steps: truncated BPTT applies to language models (a stream); "
-                    f"dataset {cfg.data.name!r} has one label per sequence. Remove train.bptt_steps."
+                    f"dataset {cfg.data.name!r} has one label per sequence. "
+                    "Remove train.bptt_steps."
                 )
         else:
             raise ConfigError(
@@ -166,7 +167,10 @@ class SequenceTask(Task):
             kwargs["num_outputs"] = int(info["num_outputs"])
             kwargs["sequence_length"] = int(info["sequence_length"])
             if name.endswith("_lm"):
-                raise ConfigError(f"model.name: {name!r} is a language model; dataset kind {kind!r} needs rnn, lstm or gru.")
+                raise ConfigError(
+                    f"model.name: {name!r} is a language model; "
+                    f"dataset kind {kind!r} needs rnn, lstm or gru."
+                )
             kwargs["head"] = kind
         kwargs.update(self.config.model.kwargs())
         return kwargs
@@ -180,7 +184,10 @@ class SequenceTask(Task):
         if kind == "regression":
             loss, metrics = "mse", [keras.metrics.MeanSquaredError(name="mse")]
         elif kind == "classification":
-            loss, metrics = "sparse_categorical_crossentropy", [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+            loss, metrics = (
+                "sparse_categorical_crossentropy",
+                [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            )
         else:
             loss, metrics = _masked_lm_loss, [Perplexity()]
         model.compile(
@@ -247,7 +254,9 @@ class SequenceTask(Task):
         info = getattr(self, "_info", None)
         if info is None or not info.get("stateful"):
             return model
-        twin = models.create_model(self.config.model.name, **self._model_kwargs(info, stateful=False))
+        twin = models.create_model(
+            self.config.model.name, **self._model_kwargs(info, stateful=False)
+        )
         twin.set_weights(model.get_weights())
         return twin
 
@@ -260,15 +269,24 @@ class SequenceTask(Task):
                 last = tf.maximum(tf.reduce_sum(tf.cast(tokens != 0, tf.int32), axis=1) - 1, 0)
                 final = tf.gather(logits, last, batch_dims=1)
                 logp = tf.nn.log_softmax(final, axis=-1)
-                return {"next_token_log_probs": logp, "next_token": tf.argmax(logp, axis=-1, output_type=tf.int64)}
+                return {
+                    "next_token_log_probs": logp,
+                    "next_token": tf.argmax(logp, axis=-1, output_type=tf.int64),
+                }
 
             spec = tf.TensorSpec([None, None], tf.int32, name="tokens")
-            example = np.asarray(check_batch[0])[:4] if check_batch is not None else np.ones((2, 5), np.int32)
+            example = (
+                np.asarray(check_batch[0])[:4]
+                if check_batch is not None
+                else np.ones((2, 5), np.int32)
+            )
             return [Endpoint("serving_default", serve, [spec], [example.astype(np.int32)])]
 
         length = int(info["sequence_length"])
         if "input_dim" in info:
-            spec = tf.TensorSpec([None, length, int(info["input_dim"])], tf.float32, name="sequences")
+            spec = tf.TensorSpec(
+                [None, length, int(info["input_dim"])], tf.float32, name="sequences"
+            )
             dtype = np.float32
         else:
             spec = tf.TensorSpec([None, length], tf.int32, name="tokens")
@@ -277,7 +295,10 @@ class SequenceTask(Task):
         def serve(x):
             out = tf.cast(model(x, training=False), tf.float32)
             if kind == "classification":
-                return {"probabilities": out, "classes": tf.argmax(out, axis=-1, output_type=tf.int64)}
+                return {
+                    "probabilities": out,
+                    "classes": tf.argmax(out, axis=-1, output_type=tf.int64),
+                }
             return {"predictions": out}
 
         if check_batch is not None:

@@ -38,7 +38,12 @@ from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
 from pipelines.tasks.sequence import EpochTimer, log_run_metrics
 
 # data options consumed here (tokenisation), not by the corpus loader
-TEXT_OPTIONS = {"max_length": 40, "source_vocab_size": 20000, "target_vocab_size": 20000, "min_count": 1}
+TEXT_OPTIONS = {
+    "max_length": 40,
+    "source_vocab_size": 20000,
+    "target_vocab_size": 20000,
+    "min_count": 1,
+}
 EVAL_BATCH = 256
 
 
@@ -55,13 +60,22 @@ class Translator(keras.Model):
 
     Args:
         seq2seq: keras.Model. The network (``encode`` / ``decode_step``).
-        source_vocabulary: list. Source tokens, index = id (``""`` padding, ``[UNK]``, ``[END]`` first).
+        source_vocabulary: list. Source tokens, index = id (``""`` padding, ``[UNK]``,
+            ``[END]`` first).
         target_vocabulary: list. Target tokens (``""``, ``[UNK]``, ``[START]``, ``[END]`` first).
         max_source_length: int. Longer inputs are truncated to this many tokens (with ``[END]``).
         max_decode_length: int. The most target tokens generated.
     """
 
-    def __init__(self, seq2seq, source_vocabulary, target_vocabulary, max_source_length, max_decode_length, **kwargs):
+    def __init__(
+        self,
+        seq2seq,
+        source_vocabulary,
+        target_vocabulary,
+        max_source_length,
+        max_decode_length,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.seq2seq = seq2seq
         self.source_vocabulary = list(source_vocabulary)
@@ -69,7 +83,10 @@ class Translator(keras.Model):
         self.max_source_length = int(max_source_length)
         self.max_decode_length = int(max_decode_length)
         self.source_lookup = keras.layers.StringLookup(
-            vocabulary=self.source_vocabulary[2:], mask_token="", oov_token="[UNK]", name="source_lookup"
+            vocabulary=self.source_vocabulary[2:],
+            mask_token="",
+            oov_token="[UNK]",
+            name="source_lookup",
         )
         self.source_end = self.source_vocabulary.index(END)
         self.start_id = self.target_vocabulary.index(START)
@@ -106,31 +123,45 @@ class Translator(keras.Model):
         banned = (0, self.start_id)
         max_length = self.max_decode_length
         if beam_width == 1:
-            return greedy_decode(self._step, states, context, batch, self.start_id, self.end_id, max_length, banned)
+            return greedy_decode(
+                self._step, states, context, batch, self.start_id, self.end_id, max_length, banned
+            )
         tokens, scores = beam_search_decode(
-            self._step, states, context, batch, self.start_id, self.end_id, max_length,
-            beam_width, length_penalty, banned,
+            self._step,
+            states,
+            context,
+            batch,
+            self.start_id,
+            self.end_id,
+            max_length,
+            beam_width,
+            length_penalty,
+            banned,
         )
         return tokens, scores, None
 
     def translate_fn(self, beam_width: int | None = None, length_penalty: float | None = None):
         """The ``tf.function`` ``sentences -> {"translations", "scores"}`` (one per setting)."""
         beam_width = self.seq2seq.beam_width if beam_width is None else int(beam_width)
-        length_penalty = self.seq2seq.length_penalty if length_penalty is None else float(length_penalty)
+        length_penalty = (
+            self.seq2seq.length_penalty if length_penalty is None else float(length_penalty)
+        )
         key = (beam_width, length_penalty)
         cache = self._translate_fns.items
         if key not in cache:
 
             @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="sentences")])
             def translate(sentences):
-                tokens, scores, _ = self.decode(self.tokenize(sentences), beam_width, length_penalty)
+                tokens, scores, _ = self.decode(
+                    self.tokenize(sentences), beam_width, length_penalty
+                )
                 return {"translations": self.detokenize(tokens), "scores": scores}
 
             cache[key] = translate
         return cache[key]
 
     def greedy_with_attention(self, sentences):
-        """Eager helper for heat-maps: (source tokens, target tokens, attention [T, S]) per sentence."""
+        """Eager helper for heat-maps: (source ids, target ids, attention [T, S]) per sentence."""
         ids = self.tokenize(tf.constant(sentences))
         tokens, _, attention = self.decode(ids, 1)
         return ids.numpy(), tokens.numpy(), attention.numpy()
@@ -161,8 +192,13 @@ class MaskedAccuracy(keras.metrics.Mean):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_true = keras.ops.cast(y_true, "int32")
-        hit = keras.ops.cast(keras.ops.equal(keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32"), y_true), "float32")
-        return super().update_state(hit, sample_weight=keras.ops.cast(keras.ops.not_equal(y_true, 0), "float32"))
+        hit = keras.ops.cast(
+            keras.ops.equal(keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32"), y_true),
+            "float32",
+        )
+        return super().update_state(
+            hit, sample_weight=keras.ops.cast(keras.ops.not_equal(y_true, 0), "float32")
+        )
 
 
 def corpus_bleu(hypotheses: list[str], references: list[str]):
@@ -175,7 +211,11 @@ def corpus_bleu(hypotheses: list[str], references: list[str]):
 
 
 def _normalise(texts: list[str]) -> list[str]:
-    return [s.decode("utf-8") for s in standardize(tf.constant(texts, dtype=tf.string)).numpy()] if texts else []
+    return (
+        [s.decode("utf-8") for s in standardize(tf.constant(texts, dtype=tf.string)).numpy()]
+        if texts
+        else []
+    )
 
 
 @register_task("translation")
@@ -189,7 +229,10 @@ class TranslationTask(Task):
         cfg = self.config
         entry = get_dataset(cfg.data.name)
         if entry.kind != "translation":
-            raise ConfigError(f"data.name: task 'translation' reads translation datasets; {cfg.data.name!r} is {entry.kind!r}.")
+            raise ConfigError(
+                f"data.name: task 'translation' reads translation datasets; "
+                f"{cfg.data.name!r} is {entry.kind!r}."
+            )
         merged = check_options(cfg.data.name, cfg.data.options())
         options = {k: v for k, v in merged.items() if k not in TEXT_OPTIONS}
         text = {k: merged.get(k, default) for k, default in TEXT_OPTIONS.items()}
@@ -221,7 +264,10 @@ class TranslationTask(Task):
         )
 
     def build_model(self, info: dict[str, Any]):
-        kwargs = {"source_vocab_size": info["source_vocab_size"], "target_vocab_size": info["target_vocab_size"]}
+        kwargs = {
+            "source_vocab_size": info["source_vocab_size"],
+            "target_vocab_size": info["target_vocab_size"],
+        }
         kwargs.update(self.config.model.kwargs())
         return models.create_model(self.config.model.name, **kwargs)
 
@@ -246,15 +292,21 @@ class TranslationTask(Task):
             return cached
         max_decode = model.max_decode_length or int(info["max_target_length"]) + 5
         self._translator = Translator(
-            model, info["source_vocabulary"], info["target_vocabulary"], int(info["max_source_length"]),
-            max_decode, name="translator",
+            model,
+            info["source_vocabulary"],
+            info["target_vocabulary"],
+            int(info["max_source_length"]),
+            max_decode,
+            name="translator",
         )
         return self._translator
 
     def serving_model(self, model):
         return self.translator(model, self._info_for_serving)
 
-    def translate(self, translator: Translator, sentences: list[str], beam_width=None, length_penalty=None):
+    def translate(
+        self, translator: Translator, sentences: list[str], beam_width=None, length_penalty=None
+    ):
         fn = translator.translate_fn(beam_width, length_penalty)
         out, scores = [], []
         for i in range(0, len(sentences), EVAL_BATCH):
@@ -289,9 +341,17 @@ class TranslationTask(Task):
             metrics["bleu"] = bleu_greedy
         refs_norm = _normalise(references)
         hyps_norm = _normalise(best)
-        metrics["exact_match"] = float(np.mean([h == r for h, r in zip(hyps_norm, refs_norm)])) if refs_norm else 0.0
+        metrics["exact_match"] = (
+            float(np.mean([h == r for h, r in zip(hyps_norm, refs_norm, strict=True)]))
+            if refs_norm
+            else 0.0
+        )
         self._samples = {
-            "sources": sources, "references": references, "greedy": greedy, "best": best, "scores": best_scores,
+            "sources": sources,
+            "references": references,
+            "greedy": greedy,
+            "best": best,
+            "scores": best_scores,
         }
         self.bleu_signature = signature
         extra = {
@@ -305,8 +365,13 @@ class TranslationTask(Task):
         import mlflow
 
         if mlflow.active_run() is not None:
-            mlflow.set_tags({"bleu.signature": signature, "decode.beam_width": str(width),
-                             "decode.length_penalty": str(model.length_penalty)})
+            mlflow.set_tags(
+                {
+                    "bleu.signature": signature,
+                    "decode.beam_width": str(width),
+                    "decode.length_penalty": str(model.length_penalty),
+                }
+            )
         return metrics
 
     def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
@@ -318,29 +383,48 @@ class TranslationTask(Task):
             return
         (out_dir / "bleu_signature.txt").write_text(self.bleu_signature + "\n")
         rng = np.random.default_rng(0)
-        picks = sorted(rng.choice(len(samples["sources"]), size=min(30, len(samples["sources"])), replace=False))
-        lines = ["| # | source | reference | greedy | beam/best | score |", "| --- | --- | --- | --- | --- | --- |"]
+        picks = sorted(
+            rng.choice(
+                len(samples["sources"]), size=min(30, len(samples["sources"])), replace=False
+            )
+        )
+        lines = [
+            "| # | source | reference | greedy | beam/best | score |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         esc = lambda s: s.replace("|", "\\|")  # noqa: E731
         for i in picks:
             lines.append(
                 f"| {i} | {esc(samples['sources'][i])} | {esc(samples['references'][i])} | "
-                f"{esc(samples['greedy'][i])} | {esc(samples['best'][i])} | {samples['scores'][i]:.3f} |"
+                f"{esc(samples['greedy'][i])} | {esc(samples['best'][i])} | "
+                f"{samples['scores'][i]:.3f} |"
             )
         (out_dir / "sample_translations.md").write_text("\n".join(lines) + "\n")
         with open(out_dir / "test_translations.jsonl", "w", encoding="utf-8") as f:
-            for s, r, h in zip(samples["sources"], samples["references"], samples["best"]):
-                f.write(json.dumps({"source": s, "reference": r, "translation": h}, ensure_ascii=False) + "\n")
+            rows = zip(samples["sources"], samples["references"], samples["best"], strict=True)
+            for s, r, h in rows:
+                f.write(
+                    json.dumps({"source": s, "reference": r, "translation": h}, ensure_ascii=False)
+                    + "\n"
+                )
         translator = self.translator(model, inputs.info)
         heat = [samples["sources"][i] for i in picks[:4]]
         src_ids, tgt_ids, attention = translator.greedy_with_attention(heat)
-        for n, (sentence, s_ids, t_ids, att) in enumerate(zip(heat, src_ids, tgt_ids, attention)):
+        rows = zip(heat, src_ids, tgt_ids, attention, strict=True)
+        for n, (sentence, s_ids, t_ids, att) in enumerate(rows):
             s_words = [translator.source_vocabulary[i] or "<pad>" for i in s_ids if i != 0]
             t_words = []
             for i in t_ids:
                 if i == 0:
                     break
                 t_words.append(translator.target_vocabulary[i])
-            plots_attention(att[: len(t_words), : len(s_words)], s_words, t_words, out_dir / f"attention_{n}.png", sentence)
+            plots_attention(
+                att[: len(t_words), : len(s_words)],
+                s_words,
+                t_words,
+                out_dir / f"attention_{n}.png",
+                sentence,
+            )
 
     # -- serving ------------------------------------------------------------------
     def check_batch(self, inputs: Inputs) -> Any:
@@ -360,12 +444,16 @@ class TranslationTask(Task):
         return [Endpoint("serving_default", fn, [spec], [np.asarray(check_batch, dtype=object)])]
 
 
-def plots_attention(weights: np.ndarray, source: list[str], target: list[str], path: Path, title: str = "") -> Path:
+def plots_attention(
+    weights: np.ndarray, source: list[str], target: list[str], path: Path, title: str = ""
+) -> Path:
     """One alignment matrix (target rows x source columns) as a heat map."""
     from pipelines.plots import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * max(4, len(source)), 1.0 + 0.45 * max(4, len(target))))
+    fig, ax = plt.subplots(
+        figsize=(1.0 + 0.5 * max(4, len(source)), 1.0 + 0.45 * max(4, len(target)))
+    )
     ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(source)), source, rotation=60, ha="right")
     ax.set_yticks(range(len(target)), target)
