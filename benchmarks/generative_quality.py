@@ -31,7 +31,11 @@ TARGETS = {
     "draw-mnist": {"minutes": 30, "checks": [("neg_elbo", "<=", 100.0)]},
     "dcgan-mnist": {
         "minutes": 15,
-        "checks": [("fid", "<=", 150.0), ("confident_share", ">=", 0.75), ("min_class_share", ">=", 0.04)],
+        "checks": [
+            ("fid", "<=", 150.0),
+            ("confident_share", ">=", 0.75),
+            ("min_class_share", ">=", 0.04),
+        ],
     },
     "gan-mnist": {"minutes": 15, "checks": [("fid", "<=", 300.0), ("confident_share", ">=", 0.60)]},
     "dbn-classifier-mnist": {"minutes": None, "checks": [("accuracy", ">=", 0.97)]},
@@ -40,11 +44,22 @@ OPS = {"<=": operator.le, ">=": operator.ge}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", choices=sorted(TARGETS))
-    parser.add_argument("--minutes", type=float, default=None, help="training wall-time budget (default: the target's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--work-dir", default="runs", help="run directories (relative to the current directory)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training wall-time budget (default: the target's)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
+    parser.add_argument(
+        "--work-dir", default="runs", help="run directories (relative to the current directory)"
+    )
     args = parser.parse_args(argv)
 
     from pipelines.config import load_config
@@ -62,13 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
     for metric, op, bound in target["checks"]:
         value = summary.metrics.get(metric)
-        checks.append({"metric": metric, "op": op, "bound": bound, "value": value,
-                       "passed": value is not None and OPS[op](value, bound)})
+        checks.append(
+            {
+                "metric": metric,
+                "op": op,
+                "bound": bound,
+                "value": value,
+                "passed": value is not None and OPS[op](value, bound),
+            }
+        )
     result = {
-        "config": args.config, "overrides": overrides, "train_minutes_budget": minutes,
-        "total_seconds": round(seconds, 1), "metrics": summary.metrics, "checks": checks,
-        "passed": all(c["passed"] for c in checks), "run_id": summary.run_id,
-        "model_version": summary.model_version, "machine": f"{platform.machine()} {platform.processor()}",
+        "config": args.config,
+        "overrides": overrides,
+        "train_minutes_budget": minutes,
+        "total_seconds": round(seconds, 1),
+        "metrics": summary.metrics,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "run_id": summary.run_id,
+        "model_version": summary.model_version,
+        "machine": f"{platform.machine()} {platform.processor()}",
     }
     out = ROOT / "benchmarks" / "results" / f"{args.config}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

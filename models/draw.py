@@ -129,7 +129,9 @@ class DrawCore(keras.layers.Layer):
         """The glimpse of the image and the error image, flattened [B, read_dim]."""
         batch = ops.shape(x)[0]
         if not self.attention:
-            return ops.concatenate([ops.reshape(x, (batch, -1)), ops.reshape(x_hat, (batch, -1))], axis=-1)
+            return ops.concatenate(
+                [ops.reshape(x, (batch, -1)), ops.reshape(x_hat, (batch, -1))], axis=-1
+            )
         fx, fy, gamma = self._filters(self.read_params, h_dec, self.read_size)
 
         def glimpse(img):  # [B, H, W, C] -> [B, N*N*C]
@@ -159,13 +161,21 @@ class DrawCore(keras.layers.Layer):
         x, noise = inputs
         batch = ops.shape(x)[0]
         canvas = ops.zeros_like(x)
-        h_enc, c_enc = self._zeros(batch, self.encoder_units), self._zeros(batch, self.encoder_units)
-        h_dec, c_dec = self._zeros(batch, self.decoder_units), self._zeros(batch, self.decoder_units)
+        h_enc, c_enc = (
+            self._zeros(batch, self.encoder_units),
+            self._zeros(batch, self.encoder_units),
+        )
+        h_dec, c_dec = (
+            self._zeros(batch, self.decoder_units),
+            self._zeros(batch, self.decoder_units),
+        )
         canvases, means, log_sigmas = [], [], []
         for t in range(self.steps):
             x_hat = x - ops.sigmoid(canvas)
             r = self.read(x, x_hat, h_dec)
-            h_enc, (h_enc, c_enc) = self.encoder_cell(ops.concatenate([r, h_dec], axis=-1), [h_enc, c_enc])
+            h_enc, (h_enc, c_enc) = self.encoder_cell(
+                ops.concatenate([r, h_dec], axis=-1), [h_enc, c_enc]
+            )
             mu, log_sigma = self.z_mean(h_enc), self.z_log_sigma(h_enc)
             z = mu + ops.exp(log_sigma) * noise[:, t]
             h_dec, (h_dec, c_dec) = self.decoder_cell(z, [h_dec, c_dec])
@@ -180,7 +190,10 @@ class DrawCore(keras.layers.Layer):
         batch = ops.shape(z)[0]
         h, w, c = self.image_shape
         canvas = ops.zeros((batch, h, w, c), dtype=self.compute_dtype)
-        h_dec, c_dec = self._zeros(batch, self.decoder_units), self._zeros(batch, self.decoder_units)
+        h_dec, c_dec = (
+            self._zeros(batch, self.decoder_units),
+            self._zeros(batch, self.decoder_units),
+        )
         canvases = []
         for t in range(self.steps):
             h_dec, (h_dec, c_dec) = self.decoder_cell(z[:, t], [h_dec, c_dec])
@@ -239,11 +252,19 @@ def draw_network(
         name: str. The model name.
     """
     shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else ()
-    if len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(f"`input_shape` must be (H, W, C) of positive ints. Received: input_shape={input_shape!r}")
+    if len(shape) != 3 or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
+    ):
+        raise ValueError(
+            f"`input_shape` must be (H, W, C) of positive ints. Received: input_shape={input_shape!r}"
+        )
     for arg, value in (
-        ("steps", steps), ("latent_dim", latent_dim), ("encoder_units", encoder_units),
-        ("decoder_units", decoder_units), ("read_size", read_size), ("write_size", write_size),
+        ("steps", steps),
+        ("latent_dim", latent_dim),
+        ("encoder_units", encoder_units),
+        ("decoder_units", decoder_units),
+        ("read_size", read_size),
+        ("write_size", write_size),
     ):
         _positive_int(arg, value)
     if not isinstance(attention, bool):
@@ -251,7 +272,14 @@ def draw_network(
     images = keras.Input(shape=shape, name="images")
     noise = keras.Input(shape=(steps, latent_dim), name="noise")
     core = DrawCore(
-        shape, steps, latent_dim, encoder_units, decoder_units, attention, read_size, write_size,
+        shape,
+        steps,
+        latent_dim,
+        encoder_units,
+        decoder_units,
+        attention,
+        read_size,
+        write_size,
         name="draw_core",
     )
     canvases, z_mean, z_log_sigma = core([images, noise])

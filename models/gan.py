@@ -25,19 +25,28 @@ _DCGAN_INIT = keras.initializers.RandomNormal(stddev=0.02)
 
 def _check_common(input_shape, latent_dim, divisor: int) -> tuple[int, int, int]:
     shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else ()
-    if len(shape) != 3 or any(not isinstance(d, int) or d < 1 for d in shape) or shape[0] % divisor or shape[1] % divisor:
+    if (
+        len(shape) != 3
+        or any(not isinstance(d, int) or d < 1 for d in shape)
+        or shape[0] % divisor
+        or shape[1] % divisor
+    ):
         raise ValueError(
             f"`input_shape` must be (H, W, C) with H and W divisible by {divisor}. Received: input_shape={input_shape!r}"
         )
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(f"`latent_dim` must be a positive int. Received: latent_dim={latent_dim!r}")
+        raise ValueError(
+            f"`latent_dim` must be a positive int. Received: latent_dim={latent_dim!r}"
+        )
     return shape
 
 
 def _check_units(name: str, units) -> tuple[int, ...]:
     units = tuple(units) if isinstance(units, (list, tuple)) else ()
     if not units or any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
-        raise ValueError(f"`{name}` must be a non-empty list of positive ints. Received: {name}={units!r}")
+        raise ValueError(
+            f"`{name}` must be a non-empty list of positive ints. Received: {name}={units!r}"
+        )
     return units
 
 
@@ -110,20 +119,33 @@ def dcgan_generator(shape, latent_dim, filters, kernel_size, name="generator"):
     base_h, base_w = h // 2**steps, w // 2**steps
     z = keras.Input(shape=(latent_dim,), name="latents")
     x = keras.layers.Dense(
-        base_h * base_w * filters[0], use_bias=False, kernel_initializer=_DCGAN_INIT, name=f"{name}_project"
+        base_h * base_w * filters[0],
+        use_bias=False,
+        kernel_initializer=_DCGAN_INIT,
+        name=f"{name}_project",
     )(z)
     x = keras.layers.Reshape((base_h, base_w, filters[0]), name=f"{name}_reshape")(x)
     x = keras.layers.BatchNormalization(name=f"{name}_project_bn")(x)
     x = keras.layers.ReLU(name=f"{name}_project_act")(x)
     for i, f in enumerate(filters[1:], start=1):
         x = keras.layers.Conv2DTranspose(
-            f, kernel_size, strides=2, padding="same", use_bias=False,
-            kernel_initializer=_DCGAN_INIT, name=f"{name}_deconv{i}",
+            f,
+            kernel_size,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=_DCGAN_INIT,
+            name=f"{name}_deconv{i}",
         )(x)
         x = keras.layers.BatchNormalization(name=f"{name}_deconv{i}_bn")(x)
         x = keras.layers.ReLU(name=f"{name}_deconv{i}_act")(x)
     x = keras.layers.Conv2DTranspose(
-        c, kernel_size, strides=2, padding="same", kernel_initializer=_DCGAN_INIT, name=f"{name}_out"
+        c,
+        kernel_size,
+        strides=2,
+        padding="same",
+        kernel_initializer=_DCGAN_INIT,
+        name=f"{name}_out",
     )(x)
     x = keras.layers.Activation("tanh", dtype="float32", name=f"{name}_tanh")(x)
     return keras.Model(z, x, name=name)
@@ -134,14 +156,21 @@ def dcgan_discriminator(shape, filters, kernel_size, name="discriminator"):
     x = images
     for i, f in enumerate(reversed(filters), start=1):
         x = keras.layers.Conv2D(
-            f, kernel_size, strides=2, padding="same", use_bias=i == 1,
-            kernel_initializer=_DCGAN_INIT, name=f"{name}_conv{i}",
+            f,
+            kernel_size,
+            strides=2,
+            padding="same",
+            use_bias=i == 1,
+            kernel_initializer=_DCGAN_INIT,
+            name=f"{name}_conv{i}",
         )(x)
         if i > 1:  # no batch norm on the discriminator's input layer
             x = keras.layers.BatchNormalization(name=f"{name}_conv{i}_bn")(x)
         x = keras.layers.LeakyReLU(0.2, name=f"{name}_conv{i}_act")(x)
     x = keras.layers.Flatten(name=f"{name}_flatten")(x)
-    logits = keras.layers.Dense(1, dtype="float32", kernel_initializer=_DCGAN_INIT, name=f"{name}_logit")(x)
+    logits = keras.layers.Dense(
+        1, dtype="float32", kernel_initializer=_DCGAN_INIT, name=f"{name}_logit"
+    )(x)
     return keras.Model(images, logits, name=name)
 
 
@@ -167,7 +196,9 @@ def deep_conv_gan(
     filters = _check_units("filters", filters)
     shape = _check_common(input_shape, latent_dim, 2 ** len(filters))
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"`kernel_size` must be a positive int. Received: kernel_size={kernel_size!r}")
+        raise ValueError(
+            f"`kernel_size` must be a positive int. Received: kernel_size={kernel_size!r}"
+        )
     g = dcgan_generator(shape, latent_dim, filters, kernel_size)
     d = dcgan_discriminator(shape, filters, kernel_size)
     return _two_players(g, d, latent_dim, name)

@@ -70,8 +70,12 @@ class RBM(keras.layers.Layer):
             shape=(visible, self.units),
             initializer=keras.initializers.RandomNormal(stddev=self.weight_stddev),
         )
-        self.visible_bias = self.add_weight(name="visible_bias", shape=(visible,), initializer="zeros")
-        self.hidden_bias = self.add_weight(name="hidden_bias", shape=(self.units,), initializer="zeros")
+        self.visible_bias = self.add_weight(
+            name="visible_bias", shape=(visible,), initializer="zeros"
+        )
+        self.hidden_bias = self.add_weight(
+            name="hidden_bias", shape=(self.units,), initializer="zeros"
+        )
 
     @property
     def visible_units(self) -> int:
@@ -245,16 +249,26 @@ def load_dbn_weights(classifier, dbn) -> int:
                 f"`hidden_units` of the classifier and the DBN differ at layer {i}: "
                 f"{kernel.shape} vs {want}."
             )
-        dense.set_weights([ops.convert_to_numpy(layer.kernel), ops.convert_to_numpy(layer.hidden_bias)])
+        dense.set_weights(
+            [ops.convert_to_numpy(layer.kernel), ops.convert_to_numpy(layer.hidden_bias)]
+        )
     return len(layers)
 
 
 @register_model("rbm")
-def rbm(input_shape=(28, 28, 1), hidden_units: int = 500, weight_stddev: float = 0.01, name: str = "rbm"):
+def rbm(
+    input_shape=(28, 28, 1), hidden_units: int = 500, weight_stddev: float = 0.01, name: str = "rbm"
+):
     """One Bernoulli RBM. ``hidden_units``: int. The number of hidden units."""
-    units = [hidden_units] if isinstance(hidden_units, int) and not isinstance(hidden_units, bool) else hidden_units
+    units = (
+        [hidden_units]
+        if isinstance(hidden_units, int) and not isinstance(hidden_units, bool)
+        else hidden_units
+    )
     if not isinstance(units, list) or len(units) != 1:
-        raise ValueError(f"`hidden_units` must be a positive int. Received: hidden_units={hidden_units!r}")
+        raise ValueError(
+            f"`hidden_units` must be a positive int. Received: hidden_units={hidden_units!r}"
+        )
     return deep_belief_network(input_shape, units, weight_stddev, name)
 
 

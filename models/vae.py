@@ -70,7 +70,9 @@ def _conv_encoder(shape, filters, latent_dim, name):
     inputs = keras.Input(shape=shape, name="images")
     x = inputs
     for i, f in enumerate(filters, start=1):
-        x = keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu", name=f"{name}_conv{i}")(x)
+        x = keras.layers.Conv2D(
+            f, 3, strides=2, padding="same", activation="relu", name=f"{name}_conv{i}"
+        )(x)
     x = keras.layers.Flatten(name=f"{name}_flatten")(x)
     z_mean = keras.layers.Dense(latent_dim, name="z_mean")(x)
     z_log_var = keras.layers.Dense(latent_dim, name="z_log_var")(x)
@@ -82,7 +84,9 @@ def _conv_decoder(shape, filters, latent_dim, likelihood, name):
     steps = len(filters)
     base_h, base_w = h // 2**steps, w // 2**steps
     z = keras.Input(shape=(latent_dim,), name="latents")
-    x = keras.layers.Dense(base_h * base_w * filters[-1], activation="relu", name=f"{name}_dense")(z)
+    x = keras.layers.Dense(base_h * base_w * filters[-1], activation="relu", name=f"{name}_dense")(
+        z
+    )
     x = keras.layers.Reshape((base_h, base_w, filters[-1]), name=f"{name}_reshape")(x)
     for i, f in enumerate(reversed(filters), start=1):
         x = keras.layers.Conv2DTranspose(
@@ -115,10 +119,14 @@ def conv_vae(
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(f"`latent_dim` must be a positive int. Received: latent_dim={latent_dim!r}")
+        raise ValueError(
+            f"`latent_dim` must be a positive int. Received: latent_dim={latent_dim!r}"
+        )
     filters = tuple(filters)
     if not filters or any(not isinstance(f, int) or f < 1 for f in filters):
-        raise ValueError(f"`filters` must be a non-empty list of positive ints. Received: filters={filters!r}")
+        raise ValueError(
+            f"`filters` must be a non-empty list of positive ints. Received: filters={filters!r}"
+        )
     shape = tuple(input_shape)
     div = 2 ** len(filters)
     if len(shape) != 3 or shape[0] % div or shape[1] % div:

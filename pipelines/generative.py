@@ -36,7 +36,9 @@ def _images(data):
 
 
 def gaussian_log_prob(z, mean, log_std, axes):
-    return tf.reduce_sum(-0.5 * tf.square((z - mean) * tf.exp(-log_std)) - log_std - 0.5 * LOG_2PI, axis=axes)
+    return tf.reduce_sum(
+        -0.5 * tf.square((z - mean) * tf.exp(-log_std)) - log_std - 0.5 * LOG_2PI, axis=axes
+    )
 
 
 class GenerativeTrainer(keras.Model):
@@ -89,7 +91,9 @@ class RBMTrainer(GenerativeTrainer):
 
     tracked = ("loss", "free_energy", "recon_error")
 
-    def __init__(self, network, cd_k: int = 1, persistent: bool = False, batch_size: int = 64, seed: int = 0):
+    def __init__(
+        self, network, cd_k: int = 1, persistent: bool = False, batch_size: int = 64, seed: int = 0
+    ):
         super().__init__(network, seed)
         self.rbms = rbm_layers(network)
         self.cd_k = cd_k
@@ -99,7 +103,9 @@ class RBMTrainer(GenerativeTrainer):
         if persistent:
             for i, rbm in enumerate(self.rbms):
                 chain = self.add_weight(
-                    name=f"chain_{i + 1}", shape=(batch_size, rbm.visible_units), trainable=False,
+                    name=f"chain_{i + 1}",
+                    shape=(batch_size, rbm.visible_units),
+                    trainable=False,
                     initializer=keras.initializers.RandomUniform(0, 1, seed=seed + i),
                 )
                 self.chains.append(chain)
@@ -138,16 +144,22 @@ class RBMTrainer(GenerativeTrainer):
         index = self.current_layer
         rbm = self.rbms[index]
         positive = dbn_up_pass(self.rbms, v, upto=index)
-        start = self.chains[index] if self.persistent else rbm.sample(positive, seed=self.seed_generator)
+        start = (
+            self.chains[index]
+            if self.persistent
+            else rbm.sample(positive, seed=self.seed_generator)
+        )
         negative = start
         for _ in range(self.cd_k):
             negative, _pv, _h = rbm.gibbs_step(negative, seed=self.seed_generator)
         negative = tf.stop_gradient(negative)
         variables = [rbm.kernel, rbm.visible_bias, rbm.hidden_bias]
         with tf.GradientTape() as tape:
-            cd = tf.reduce_mean(rbm.free_energy(positive)) - tf.reduce_mean(rbm.free_energy(negative))
+            cd = tf.reduce_mean(rbm.free_energy(positive)) - tf.reduce_mean(
+                rbm.free_energy(negative)
+            )
         grads = tape.gradient(cd, variables)
-        self.layer_optimizers[index].apply_gradients(zip(grads, variables))
+        self.layer_optimizers[index].apply_gradients(zip(grads, variables, strict=True))
         if self.persistent:
             self.chains[index].assign(negative)
         return self._update(self.losses_of(v, training=True))
@@ -187,7 +199,9 @@ def rbm_generate(network, seeds, gibbs_steps: int):
         def body(step, v, pv):
             k = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64) + 1)
             nh = tf.random.stateless_uniform([1, hidden], k)
-            nv = tf.random.stateless_uniform([1, visible], tf.random.experimental.stateless_fold_in(k, 7))
+            nv = tf.random.stateless_uniform(
+                [1, visible], tf.random.experimental.stateless_fold_in(k, 7)
+            )
             v, pv, _ = top.gibbs_step(v, nh, nv)
             return step + 1, v, pv
 
@@ -196,7 +210,9 @@ def rbm_generate(network, seeds, gibbs_steps: int):
         )
         return dbn_down_pass(rbms, pv)[0]
 
-    flat = tf.map_fn(one, tf.cast(seeds, tf.int64), fn_output_signature=tf.TensorSpec([None], tf.float32))
+    flat = tf.map_fn(
+        one, tf.cast(seeds, tf.int64), fn_output_signature=tf.TensorSpec([None], tf.float32)
+    )
     shape = network.input_shape[1:]
     return tf.reshape(flat, (-1, *shape))
 
@@ -214,7 +230,9 @@ def rbm_generate_batch(network, n: int, seed: int, gibbs_steps: int, batch: int 
         for step in tf.range(gibbs_steps):
             k = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64) + 1)
             nh = tf.random.stateless_uniform([m, top.units], k)
-            nv = tf.random.stateless_uniform([m, top.visible_units], tf.random.experimental.stateless_fold_in(k, 7))
+            nv = tf.random.stateless_uniform(
+                [m, top.visible_units], tf.random.experimental.stateless_fold_in(k, 7)
+            )
             v, pv, _ = top.gibbs_step(v, nh, nv)
         return dbn_down_pass(rbms, pv)
 
@@ -237,7 +255,9 @@ def pseudo_log_likelihood(rbm, v, draws: int = 5, seed: int = 0) -> float:
         idx = rng.integers(0, dim, size=n)
         mask = tf.one_hot(idx, dim)
         flipped = v + mask * (1.0 - 2.0 * v)
-        total += float(tf.reduce_mean(dim * tf.math.log_sigmoid(rbm.free_energy(flipped) - rbm.free_energy(v))))
+        total += float(
+            tf.reduce_mean(dim * tf.math.log_sigmoid(rbm.free_energy(flipped) - rbm.free_energy(v)))
+        )
     return total / draws
 
 
@@ -261,14 +281,18 @@ class VAETrainer(GenerativeTrainer):
         z = mean + tf.exp(0.5 * log_var) * eps
         rec = -log_likelihood(self.decoder, x, self.decoder(z, training=training))
         kl = 0.5 * tf.reduce_sum(tf.exp(log_var) + tf.square(mean) - 1.0 - log_var, axis=-1)
-        return {"loss": tf.reduce_mean(rec + kl), "reconstruction": tf.reduce_mean(rec), "kl": tf.reduce_mean(kl)}
+        return {
+            "loss": tf.reduce_mean(rec + kl),
+            "reconstruction": tf.reduce_mean(rec),
+            "kl": tf.reduce_mean(kl),
+        }
 
     def train_step(self, data):
         x = _images(data)
         with tf.GradientTape() as tape:
             values = self.losses_of(x, training=True)
         variables = self.network.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(values["loss"], variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(values["loss"], variables), variables, strict=True))
         return self._update(values)
 
     def log_weights(self, x, k: int, seed: int = 0):
@@ -279,7 +303,9 @@ class VAETrainer(GenerativeTrainer):
         for i in range(k):
             z = mean + tf.exp(log_std) * tf.random.stateless_normal(tf.shape(mean), [seed, i])
             ll = log_likelihood(self.decoder, x, self.decoder(z, training=False))
-            out.append(ll + gaussian_log_prob(z, 0.0, 0.0, -1) - gaussian_log_prob(z, mean, log_std, -1))
+            out.append(
+                ll + gaussian_log_prob(z, 0.0, 0.0, -1) - gaussian_log_prob(z, mean, log_std, -1)
+            )
         return tf.stack(out)
 
 
@@ -306,7 +332,9 @@ class GANTrainer(GenerativeTrainer):
         self.g_optimizer = g_optimizer
 
     def _bce(self, target, logits):
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(tf.fill(tf.shape(logits), target), logits))
+        return tf.reduce_mean(
+            tf.nn.sigmoid_cross_entropy_with_logits(tf.fill(tf.shape(logits), target), logits)
+        )
 
     def losses_of(self, x, training: bool) -> dict:
         real = tf.cast(x, tf.float32) * 2.0 - 1.0
@@ -317,8 +345,11 @@ class GANTrainer(GenerativeTrainer):
         d_loss = self._bce(1.0 - self.label_smoothing, d_real) + self._bce(0.0, d_fake)
         g_loss = self._bce(1.0, d_fake)
         return {
-            "loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
-            "d_real": tf.reduce_mean(tf.sigmoid(d_real)), "d_fake": tf.reduce_mean(tf.sigmoid(d_fake)),
+            "loss": d_loss + g_loss,
+            "d_loss": d_loss,
+            "g_loss": g_loss,
+            "d_real": tf.reduce_mean(tf.sigmoid(d_real)),
+            "d_fake": tf.reduce_mean(tf.sigmoid(d_fake)),
         }
 
     def train_step(self, data):
@@ -331,17 +362,20 @@ class GANTrainer(GenerativeTrainer):
             d_fake = self.discriminator(fake, training=True)
             d_loss = self._bce(1.0 - self.label_smoothing, d_real) + self._bce(0.0, d_fake)
         d_vars = self.discriminator.trainable_variables
-        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars, strict=True))
         z = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
         with tf.GradientTape() as tape:
             g_logits = self.discriminator(self.generator(z, training=True), training=True)
             g_loss = self._bce(1.0, g_logits)  # non-saturating: maximise log D(G(z))
         g_vars = self.generator.trainable_variables
-        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars, strict=True))
         return self._update(
             {
-                "loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
-                "d_real": tf.reduce_mean(tf.sigmoid(d_real)), "d_fake": tf.reduce_mean(tf.sigmoid(d_fake)),
+                "loss": d_loss + g_loss,
+                "d_loss": d_loss,
+                "g_loss": g_loss,
+                "d_real": tf.reduce_mean(tf.sigmoid(d_real)),
+                "d_fake": tf.reduce_mean(tf.sigmoid(d_fake)),
             }
         )
 
@@ -365,20 +399,28 @@ class DRAWTrainer(GenerativeTrainer):
         return ll, mean, log_sigma
 
     def noise(self, batch):
-        return keras.random.normal((batch, self.core.steps, self.core.latent_dim), seed=self.seed_generator)
+        return keras.random.normal(
+            (batch, self.core.steps, self.core.latent_dim), seed=self.seed_generator
+        )
 
     def losses_of(self, x, training: bool) -> dict:
         x = tf.cast(x, tf.float32)
         ll, mean, log_sigma = self._forward(x, self.noise(tf.shape(x)[0]), training)
-        kl = tf.reduce_sum(0.5 * (tf.square(mean) + tf.exp(2.0 * log_sigma) - 2.0 * log_sigma - 1.0), axis=[1, 2])
-        return {"loss": tf.reduce_mean(kl - ll), "reconstruction": tf.reduce_mean(-ll), "kl": tf.reduce_mean(kl)}
+        kl = tf.reduce_sum(
+            0.5 * (tf.square(mean) + tf.exp(2.0 * log_sigma) - 2.0 * log_sigma - 1.0), axis=[1, 2]
+        )
+        return {
+            "loss": tf.reduce_mean(kl - ll),
+            "reconstruction": tf.reduce_mean(-ll),
+            "kl": tf.reduce_mean(kl),
+        }
 
     def train_step(self, data):
         x = _images(data)
         with tf.GradientTape() as tape:
             values = self.losses_of(x, training=True)
         variables = self.network.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(values["loss"], variables), variables))
+        self.optimizer.apply_gradients(zip(tape.gradient(values["loss"], variables), variables, strict=True))
         return self._update(values)
 
     def log_weights(self, x, k: int, seed: int = 0):
@@ -386,10 +428,16 @@ class DRAWTrainer(GenerativeTrainer):
         x = tf.cast(x, tf.float32)
         out = []
         for i in range(k):
-            eps = tf.random.stateless_normal((tf.shape(x)[0], self.core.steps, self.core.latent_dim), [seed, i])
+            eps = tf.random.stateless_normal(
+                (tf.shape(x)[0], self.core.steps, self.core.latent_dim), [seed, i]
+            )
             ll, mean, log_sigma = self._forward(x, eps, False)
             z = mean + tf.exp(log_sigma) * eps
-            out.append(ll + gaussian_log_prob(z, 0.0, 0.0, [1, 2]) - gaussian_log_prob(z, mean, log_sigma, [1, 2]))
+            out.append(
+                ll
+                + gaussian_log_prob(z, 0.0, 0.0, [1, 2])
+                - gaussian_log_prob(z, mean, log_sigma, [1, 2])
+            )
         return tf.stack(out)
 
 
@@ -415,7 +463,9 @@ def latents_from_seeds(seeds, shape: tuple[int, ...]):
     def one(seed):
         return tf.random.stateless_normal([size], tf.stack([seed, tf.constant(0, tf.int64)]))
 
-    flat = tf.map_fn(one, tf.cast(seeds, tf.int64), fn_output_signature=tf.TensorSpec([size], tf.float32))
+    flat = tf.map_fn(
+        one, tf.cast(seeds, tf.int64), fn_output_signature=tf.TensorSpec([size], tf.float32)
+    )
     return tf.reshape(flat, (-1, *shape))
 
 

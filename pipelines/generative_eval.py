@@ -31,7 +31,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     a = np.asarray(features_a, np.float64)
     b = np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"features must be [N, D] with the same D. Received: {a.shape} and {b.shape}")
+        raise ValueError(
+            f"features must be [N, D] with the same D. Received: {a.shape} and {b.shape}"
+        )
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
@@ -39,7 +41,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         offset = np.eye(a.shape[1]) * 1e-6
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = np.real(covmean)
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+    return float(
+        np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean)
+    )
 
 
 @dataclass
@@ -64,7 +68,9 @@ class FeatureClassifier:
             x = tf.image.grayscale_to_rgb(x) if channels == 3 else tf.image.rgb_to_grayscale(x)
         return x
 
-    def features_and_probs(self, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    def features_and_probs(
+        self, images: np.ndarray, batch: int = 500
+    ) -> tuple[np.ndarray, np.ndarray]:
         feats, probs = [], []
         for i in range(0, len(images), batch):
             x = self._prep(images[i : i + batch])
@@ -76,7 +82,11 @@ class FeatureClassifier:
 def _wrap(model, record: dict) -> FeatureClassifier:
     import keras
 
-    f6 = model.get_layer("f6_act") if any(la.name == "f6_act" for la in model.layers) else model.get_layer("f6")
+    f6 = (
+        model.get_layer("f6_act")
+        if any(la.name == "f6_act" for la in model.layers)
+        else model.get_layer("f6")
+    )
     features = keras.Model(model.inputs, f6.output, name="lenet5_f6")
     return FeatureClassifier(model, features, record)
 
@@ -100,25 +110,43 @@ def train_feature_classifier(
         return _wrap(keras.saving.load_model(cache_path), {**record, "reused_cache": True})
     x, y = train
     keras.utils.set_random_seed(seed)
-    model = models.create_model("lenet5", input_shape=(32, 32, int(x.shape[-1])), num_classes=int(y.max()) + 1,
-                                activation="relu", pooling="max")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = models.create_model(
+        "lenet5",
+        input_shape=(32, 32, int(x.shape[-1])),
+        num_classes=int(y.max()) + 1,
+        activation="relu",
+        pooling="max",
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     clf = _wrap(model, {})
     resized = clf._prep(x).numpy()
     model.fit(resized, y, batch_size=128, epochs=epochs, verbose=0, shuffle=True)
     _, probs = clf.features_and_probs(test[0])
     accuracy = float(np.mean(probs.argmax(1) == test[1]))
     clf.record = {
-        "kind": "trained_in_evaluation", "model": "lenet5", "activation": "relu", "pooling": "max",
-        "input_shape": [32, 32, int(x.shape[-1])], "epochs": epochs, "seed": seed,
-        "train_examples": int(len(x)), "test_accuracy": accuracy, "data": source,
+        "kind": "trained_in_evaluation",
+        "model": "lenet5",
+        "activation": "relu",
+        "pooling": "max",
+        "input_shape": [32, 32, int(x.shape[-1])],
+        "epochs": epochs,
+        "seed": seed,
+        "train_examples": int(len(x)),
+        "test_accuracy": accuracy,
+        "data": source,
     }
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_name(cache_path.stem + ".tmp.keras")
         model.save(tmp)
         tmp.replace(cache_path)
-        cache_path.with_suffix(".json").write_text(json.dumps({**clf.record, "cache": str(cache_path)}, indent=2))
+        cache_path.with_suffix(".json").write_text(
+            json.dumps({**clf.record, "cache": str(cache_path)}, indent=2)
+        )
         clf.record["cache"] = str(cache_path)
     return clf
 
@@ -141,7 +169,9 @@ def load_feature_classifier(uri: str, test: tuple[np.ndarray, np.ndarray]) -> Fe
             record["version"] = uri.rstrip("/").rsplit("/", 1)[-1]
     else:
         if not Path(uri).is_file():
-            raise FileNotFoundError(f"task_options.fid_classifier: {uri!r} is neither models:/... nor a .keras file")
+            raise FileNotFoundError(
+                f"task_options.fid_classifier: {uri!r} is neither models:/... nor a .keras file"
+            )
         model = keras.saving.load_model(uri)
     clf = _wrap(model, record)
     _, probs = clf.features_and_probs(test[0])
@@ -149,7 +179,9 @@ def load_feature_classifier(uri: str, test: tuple[np.ndarray, np.ndarray]) -> Fe
     return clf
 
 
-def sample_quality(clf: FeatureClassifier, samples: np.ndarray, real_features: np.ndarray, prefix: str = "") -> dict:
+def sample_quality(
+    clf: FeatureClassifier, samples: np.ndarray, real_features: np.ndarray, prefix: str = ""
+) -> dict:
     """Fréchet distance to the real features, share of samples classified with
     confidence > 0.9, and the smallest class share of the samples' predicted labels."""
     feats, probs = clf.features_and_probs(samples)
@@ -165,7 +197,9 @@ def sample_quality(clf: FeatureClassifier, samples: np.ndarray, real_features: n
 # ------------------------------------------------------------------------ latents
 
 
-def interpolate(a: np.ndarray, b: np.ndarray, steps: int = 8, spherical: bool = False) -> np.ndarray:
+def interpolate(
+    a: np.ndarray, b: np.ndarray, steps: int = 8, spherical: bool = False
+) -> np.ndarray:
     """``steps`` latents from ``a`` to ``b`` (linear, or slerp for Gaussian latents) [steps, *a.shape]."""
     t = np.linspace(0.0, 1.0, steps)
     a = np.asarray(a, np.float32)
@@ -181,8 +215,16 @@ def interpolate(a: np.ndarray, b: np.ndarray, steps: int = 8, spherical: bool = 
     ).astype(np.float32)
 
 
-def latent_arithmetic(latents: np.ndarray, groups: np.ndarray, a, b, c, noise_scale: float = 0.0,
-                      count: int = 1, seed: int = 0) -> dict:
+def latent_arithmetic(
+    latents: np.ndarray,
+    groups: np.ndarray,
+    a,
+    b,
+    c,
+    noise_scale: float = 0.0,
+    count: int = 1,
+    seed: int = 0,
+) -> dict:
     """DCGAN's vector arithmetic: ``mean(z | group a) - mean(z | group b) + mean(z | group c)``.
 
     Args:
@@ -208,7 +250,9 @@ def latent_arithmetic(latents: np.ndarray, groups: np.ndarray, a, b, c, noise_sc
         means[key] = members.mean(0)
     result = means["a"] - means["b"] + means["c"]
     rng = np.random.default_rng(seed)
-    results = result[None] + noise_scale * rng.standard_normal((count, *result.shape)).astype(np.float32)
+    results = result[None] + noise_scale * rng.standard_normal((count, *result.shape)).astype(
+        np.float32
+    )
     return {**means, "result": results.astype(np.float32)}
 
 
@@ -223,7 +267,10 @@ def grid(images: np.ndarray, columns: int = 8, pad: int = 1) -> np.ndarray:
     out = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.float32)
     for i in range(n):
         r, col = divmod(i, columns)
-        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[i]
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + col * (w + pad) : pad + col * (w + pad) + w,
+        ] = images[i]
     return np.round(out * 255).astype(np.uint8)
 
 
@@ -240,7 +287,9 @@ def save_grid(images: np.ndarray, path: Path, columns: int = 8, scale: int = 2) 
     return path
 
 
-def save_canvas_gif(canvases: np.ndarray, path: Path, columns: int = 8, scale: int = 2, ms: int = 120) -> Path:
+def save_canvas_gif(
+    canvases: np.ndarray, path: Path, columns: int = 8, scale: int = 2, ms: int = 120
+) -> Path:
     """DRAW's canvases [N, T, H, W, C] in [0, 1] as an animated GIF, one frame per step
     (the last frame held longer)."""
     frames = [_pil(grid(canvases[:, t], columns), scale) for t in range(canvases.shape[1])]

@@ -49,22 +49,38 @@ class GenerationOptions(BaseModel):
     """``task_options`` of the generation task."""
 
     model_config = ConfigDict(extra="forbid")
-    binarize: float | None = Field(None, gt=0.0, lt=1.0, description="threshold pixels in [0, 1] at this value")
-    validation_size: int = Field(1000, ge=0, description="training images held out for val_* metrics")
+    binarize: float | None = Field(
+        None, gt=0.0, lt=1.0, description="threshold pixels in [0, 1] at this value"
+    )
+    validation_size: int = Field(
+        1000, ge=0, description="training images held out for val_* metrics"
+    )
     cd_k: int = Field(1, ge=1, description="RBM: Gibbs steps of contrastive divergence")
     persistent: bool = Field(False, description="RBM: persistent CD (Tieleman 2008)")
-    epochs_per_layer: list[int] | None = Field(None, description="DBN: epochs of each RBM; default splits train.epochs")
-    gibbs_steps: int = Field(200, ge=1, description="RBM/DBN: Gibbs sweeps in the top RBM per sample")
+    epochs_per_layer: list[int] | None = Field(
+        None, description="DBN: epochs of each RBM; default splits train.epochs"
+    )
+    gibbs_steps: int = Field(
+        200, ge=1, description="RBM/DBN: Gibbs sweeps in the top RBM per sample"
+    )
     iw_samples: int = Field(50, ge=1, description="VAE/DRAW: k of the importance-weighted bound")
     fid_samples: int = Field(2000, ge=10, description="generated images for the Fréchet distance")
-    fid_classifier: str | None = Field(None, description="models:/NAME@ALIAS or .keras; default: train LeNet-5 here")
+    fid_classifier: str | None = Field(
+        None, description="models:/NAME@ALIAS or .keras; default: train LeNet-5 here"
+    )
     fid_classifier_epochs: int = Field(5, ge=1)
-    reference_fids: bool = Field(True, description="also report real-vs-real and untrained-network distances")
+    reference_fids: bool = Field(
+        True, description="also report real-vs-real and untrained-network distances"
+    )
     sample_every: int = Field(1, ge=0, description="epochs between sample grids (0: none)")
-    arithmetic: list[int] = Field([7, 1, 9], min_length=3, max_length=3, description="groups A, B, C of A - B + C")
+    arithmetic: list[int] = Field(
+        [7, 1, 9], min_length=3, max_length=3, description="groups A, B, C of A - B + C"
+    )
     pll_draws: int = Field(5, ge=1)
     eval_batch: int = Field(500, ge=1)
-    max_train_minutes: float | None = Field(None, gt=0.0, description="stop training after this wall time")
+    max_train_minutes: float | None = Field(
+        None, gt=0.0, description="stop training after this wall time"
+    )
 
 
 def parse_options(model: type[BaseModel], options: dict[str, Any], task: str) -> Any:
@@ -91,8 +107,12 @@ def load_arrays(config: ExperimentConfig) -> dict[str, Any]:
     from data.images import ImageInputSpec, load_raw, preprocess_images
 
     spec = ImageInputSpec(
-        name=config.data.name, batch_size=config.train.batch_size, seed=config.runtime.seed,
-        data_dir=config.data.dir, image_size=config.data.image_size, channels=config.data.channels,
+        name=config.data.name,
+        batch_size=config.train.batch_size,
+        seed=config.runtime.seed,
+        data_dir=config.data.dir,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
         options=config.data.options(),
     )
     raw = load_raw(spec)
@@ -109,8 +129,12 @@ def load_arrays(config: ExperimentConfig) -> dict[str, Any]:
     test_x, test_y = arrays(raw.eval)
     del tf
     return {
-        "train": (train_x, train_y), "test": (test_x, test_y), "class_names": raw.class_names,
-        "fingerprint": raw.fingerprint, "source": raw.source, "raw_shape": list(raw.image_shape),
+        "train": (train_x, train_y),
+        "test": (test_x, test_y),
+        "class_names": raw.class_names,
+        "fingerprint": raw.fingerprint,
+        "source": raw.source,
+        "raw_shape": list(raw.image_shape),
     }
 
 
@@ -118,7 +142,9 @@ def binarize(x: np.ndarray, threshold: float | None) -> np.ndarray:
     return x if threshold is None else (x > threshold).astype(np.float32)
 
 
-def repeating_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, drop_remainder: bool = True):
+def repeating_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, drop_remainder: bool = True
+):
     """Epoch after epoch of ``(x, y)`` batches, each epoch a permutation keyed by
     (seed, epoch) with a stateless generator (any seed, including 0, is reproducible)."""
     import tensorflow as tf
@@ -129,11 +155,17 @@ def repeating_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, 
     def one_epoch(epoch):
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+        return tf.data.Dataset.from_tensor_slices(order).batch(
+            batch_size, drop_remainder=drop_remainder
+        )
 
     return (
-        tf.data.Dataset.range(0, 2**31).flat_map(one_epoch)
-        .map(lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+        tf.data.Dataset.range(0, 2**31)
+        .flat_map(one_epoch)
+        .map(
+            lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
         .prefetch(tf.data.AUTOTUNE)
     )
 
@@ -153,8 +185,17 @@ class GenerationTask(Task):
     sample quality; export ``generate`` signatures."""
 
     metric_names = (
-        "loss", "neg_elbo", "iw_neg_elbo", "recon_error", "pseudo_log_likelihood", "free_energy",
-        "fid", "confident_share", "min_class_share", "fid_real", "fid_untrained",
+        "loss",
+        "neg_elbo",
+        "iw_neg_elbo",
+        "recon_error",
+        "pseudo_log_likelihood",
+        "free_energy",
+        "fid",
+        "confident_share",
+        "min_class_share",
+        "fid_real",
+        "fid_untrained",
     )
 
     def __init__(self, config: ExperimentConfig):
@@ -166,9 +207,13 @@ class GenerationTask(Task):
                 f"received {config.model.name!r}."
             )
         self.family = family
-        self.options: GenerationOptions = parse_options(GenerationOptions, config.task_options, "generation")
+        self.options: GenerationOptions = parse_options(
+            GenerationOptions, config.task_options, "generation"
+        )
         if family in ("rbm",) and self.options.binarize is None:
-            log.warning("%s: a Bernoulli RBM on grey pixels; set task_options.binarize: 0.5", config.name)
+            log.warning(
+                "%s: a Bernoulli RBM on grey pixels; set task_options.binarize: 0.5", config.name
+            )
         self.arrays: dict[str, Any] | None = None
         self._classifier = None
         self._eval: dict[str, Any] = {}
@@ -196,19 +241,30 @@ class GenerationTask(Task):
         self.arrays = arrays
         batch = cfg.train.batch_size
         if batch > len(train_idx):
-            raise ConfigError(f"train.batch_size: {batch} exceeds the {len(train_idx)} training images.")
+            raise ConfigError(
+                f"train.batch_size: {batch} exceeds the {len(train_idx)} training images."
+            )
         steps = cfg.train.steps_per_epoch or len(train_idx) // batch
         train = repeating_dataset(*arrays["fit"], batch, cfg.runtime.seed)
         evals = batched(*arrays["val"], batch)
         image_shape = list(x.shape[1:])
         return Inputs(
-            train=train, eval=evals, steps_per_epoch=steps,
+            train=train,
+            eval=evals,
+            steps_per_epoch=steps,
             info={
-                "dataset": cfg.data.name, "family": self.family, "image_shape": image_shape,
-                "raw_shape": arrays["raw_shape"], "num_classes": len(arrays["class_names"]),
-                "class_names": arrays["class_names"], "num_train": int(len(train_idx)),
-                "num_validation": int(len(val_idx)), "num_test": int(len(arrays["test"][0])),
-                "binarize": opts.binarize, "source": arrays["source"], "gibbs_steps": opts.gibbs_steps,
+                "dataset": cfg.data.name,
+                "family": self.family,
+                "image_shape": image_shape,
+                "raw_shape": arrays["raw_shape"],
+                "num_classes": len(arrays["class_names"]),
+                "class_names": arrays["class_names"],
+                "num_train": int(len(train_idx)),
+                "num_validation": int(len(val_idx)),
+                "num_test": int(len(arrays["test"][0])),
+                "binarize": opts.binarize,
+                "source": arrays["source"],
+                "gibbs_steps": opts.gibbs_steps,
             },
             fingerprint=arrays["fingerprint"],
         )
@@ -225,8 +281,11 @@ class GenerationTask(Task):
         seed = self.config.runtime.seed
         if self.family == "rbm":
             trainer = gen.RBMTrainer(
-                network, cd_k=self.options.cd_k, persistent=self.options.persistent,
-                batch_size=self.config.train.batch_size, seed=seed,
+                network,
+                cd_k=self.options.cd_k,
+                persistent=self.options.persistent,
+                batch_size=self.config.train.batch_size,
+                seed=seed,
             )
             self._layers = len(trainer.rbms)
             self.epochs_per_layer(self._layers)  # a bad list fails before training
@@ -234,18 +293,26 @@ class GenerationTask(Task):
         if self.family == "vae":
             return gen.VAETrainer(network, seed=seed)
         if self.family == "gan":
-            return gen.GANTrainer(network, label_smoothing=self.config.train.label_smoothing, seed=seed)
+            return gen.GANTrainer(
+                network, label_smoothing=self.config.train.label_smoothing, seed=seed
+            )
         return gen.DRAWTrainer(network, seed=seed)
 
     def compile_model(self, model, inputs: Inputs) -> None:
         from pipelines.optim import build_optimizer
 
-        train, steps, jit = self.config.train, inputs.steps_per_epoch, self.config.runtime.jit_compile
+        train, steps, jit = (
+            self.config.train,
+            inputs.steps_per_epoch,
+            self.config.runtime.jit_compile,
+        )
         if self.family == "rbm":
             init_visible_bias(model.rbms[0], self.arrays["fit"][0])
             model.compile([build_optimizer(train, steps) for _ in model.rbms], jit_compile=jit)
         elif self.family == "gan":
-            model.compile(build_optimizer(train, steps), build_optimizer(train, steps), jit_compile=jit)
+            model.compile(
+                build_optimizer(train, steps), build_optimizer(train, steps), jit_compile=jit
+            )
         else:
             model.compile(optimizer=build_optimizer(train, steps), jit_compile=jit)
 
@@ -267,9 +334,16 @@ class GenerationTask(Task):
         if self.family == "rbm":
             out.append(gen.GreedyLayerSchedule(self.epochs_per_layer(self._layers)))
         if self.options.max_train_minutes:
-            out.append(TimeLimit(self.options.max_train_minutes * 60.0, restore_best=self.family in ("vae", "draw")))
+            out.append(
+                TimeLimit(
+                    self.options.max_train_minutes * 60.0,
+                    restore_best=self.family in ("vae", "draw"),
+                )
+            )
         if self.options.sample_every:
-            out.append(SampleGrids(self, run_dir / "artifacts" / "samples", self.options.sample_every))
+            out.append(
+                SampleGrids(self, run_dir / "artifacts" / "samples", self.options.sample_every)
+            )
         return out
 
     # -- sampling -----------------------------------------------------------------------
@@ -300,12 +374,17 @@ class GenerationTask(Task):
             else:
                 shape = "x".join(str(d) for d in arrays["train"][0].shape[1:])
                 cache = (
-                    Path(self.config.runtime.work_dir) / "_fid_classifiers"
+                    Path(self.config.runtime.work_dir)
+                    / "_fid_classifiers"
                     / f"lenet5-{self.config.data.name}-{arrays['fingerprint']}-{shape}-e{opts.fid_classifier_epochs}.keras"
                 )
                 self._classifier = ev.train_feature_classifier(
-                    arrays["train"], arrays["test"], cache, seed=self.config.runtime.seed,
-                    epochs=opts.fid_classifier_epochs, source=f"{self.config.data.name}:{arrays['fingerprint']} train split",
+                    arrays["train"],
+                    arrays["test"],
+                    cache,
+                    seed=self.config.runtime.seed,
+                    epochs=opts.fid_classifier_epochs,
+                    source=f"{self.config.data.name}:{arrays['fingerprint']} train split",
                 )
         return self._classifier
 
@@ -319,12 +398,17 @@ class GenerationTask(Task):
         network = model.network
         test_x, test_y = arrays["test_model"], arrays["test"][1]
         metrics = {
-            k: float(v) for k, v in model.evaluate(batched(test_x, test_y, opts.eval_batch), return_dict=True, verbose=0).items()
+            k: float(v)
+            for k, v in model.evaluate(
+                batched(test_x, test_y, opts.eval_batch), return_dict=True, verbose=0
+            ).items()
         }
         if self.family in ("vae", "draw"):
             elbo, iw = [], []
             for i in range(0, len(test_x), opts.eval_batch):
-                log_w = model.log_weights(tf.constant(test_x[i : i + opts.eval_batch]), opts.iw_samples, seed=i)
+                log_w = model.log_weights(
+                    tf.constant(test_x[i : i + opts.eval_batch]), opts.iw_samples, seed=i
+                )
                 elbo.append(-tf.reduce_mean(log_w, axis=0).numpy())
                 iw.append(-(tf.reduce_logsumexp(log_w, axis=0) - np.log(opts.iw_samples)).numpy())
             metrics["neg_elbo"] = float(np.mean(np.concatenate(elbo)))
@@ -333,7 +417,9 @@ class GenerationTask(Task):
             flat = test_x.reshape(len(test_x), -1)
             metrics["recon_error"] = metrics.pop("recon_error", float("nan"))
             first = model.rbms[0]
-            metrics["pseudo_log_likelihood"] = gen.pseudo_log_likelihood(first, flat, opts.pll_draws, self.config.runtime.seed)
+            metrics["pseudo_log_likelihood"] = gen.pseudo_log_likelihood(
+                first, flat, opts.pll_draws, self.config.runtime.seed
+            )
             metrics["free_energy"] = float(tf.reduce_mean(first.free_energy(tf.constant(flat))))
         # sample quality in LeNet-5 feature space
         clf = self.feature_classifier()
@@ -349,12 +435,16 @@ class GenerationTask(Task):
 
             keras.utils.set_random_seed(self.config.runtime.seed)
             untrained = self.build_network(inputs.info)
-            metrics["fid_untrained"] = ev.sample_quality(clf, self.sample(untrained, n, seed=0), real_feats)["fid"]
+            metrics["fid_untrained"] = ev.sample_quality(
+                clf, self.sample(untrained, n, seed=0), real_feats
+            )["fid"]
         _, probs = clf.features_and_probs(samples)
         self._eval = {
             "samples": samples,
             "sample_labels": probs.argmax(1),
-            "class_shares": (np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)).tolist(),
+            "class_shares": (
+                np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
+            ).tolist(),
             "classifier": clf.record,
         }
         self._tag_classifier(clf.record)
@@ -379,9 +469,15 @@ class GenerationTask(Task):
         if "samples" in ev_state:
             ev.save_grid(ev_state["samples"][:100], out_dir / "samples.png", columns=10)
             (out_dir / "sample_quality.json").write_text(
-                json.dumps({"class_shares": ev_state["class_shares"], "fid_classifier": ev_state["classifier"],
-                            "protocol": f"{self.options.fid_samples} samples (seeds 0..) vs the "
-                            f"{len(self.arrays['test'][0])} test images, LeNet-5 F6 features"}, indent=2)
+                json.dumps(
+                    {
+                        "class_shares": ev_state["class_shares"],
+                        "fid_classifier": ev_state["classifier"],
+                        "protocol": f"{self.options.fid_samples} samples (seeds 0..) vs the "
+                        f"{len(self.arrays['test'][0])} test images, LeNet-5 F6 features",
+                    },
+                    indent=2,
+                )
             )
         test_x = self.arrays["test_model"]
         if self.family == "rbm":
@@ -488,7 +584,9 @@ def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None
     shape = gen.latent_shape(family, network)
 
     def decode(z):
-        return np.asarray(gen.decode_latents(family, network, tf.constant(np.asarray(z, np.float32))))
+        return np.asarray(
+            gen.decode_latents(family, network, tf.constant(np.asarray(z, np.float32)))
+        )
 
     seeds = tf.range(0, 16, dtype=tf.int64)
     z = gen.latents_from_seeds(seeds, shape).numpy()
@@ -504,15 +602,30 @@ def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None
         groups, how = test_y[: len(latents)], "labels of encoded test images"
     else:
         n = len(task._eval.get("sample_labels", []))
-        latents = gen.latents_from_seeds(tf.range(0, n, dtype=tf.int64), shape).numpy() if n else np.zeros((0, *shape))
-        groups, how = task._eval.get("sample_labels", np.zeros(0)), "LeNet-5 labels of generated samples"
+        latents = (
+            gen.latents_from_seeds(tf.range(0, n, dtype=tf.int64), shape).numpy()
+            if n
+            else np.zeros((0, *shape))
+        )
+        groups, how = (
+            task._eval.get("sample_labels", np.zeros(0)),
+            "LeNet-5 labels of generated samples",
+        )
     try:
         res = ev.latent_arithmetic(latents, groups, a, b, c, noise_scale=0.25, count=7, seed=0)
-        panel = np.concatenate([decode(np.stack([res["a"], res["b"], res["c"]])), decode(res["result"])])
+        panel = np.concatenate(
+            [decode(np.stack([res["a"], res["b"], res["c"]])), decode(res["result"])]
+        )
         ev.save_grid(panel, out_dir / "arithmetic.png", columns=10)
         (out_dir / "arithmetic.json").write_text(
-            json.dumps({"expression": f"mean({a}) - mean({b}) + mean({c})", "groups_by": how,
-                        "panel": "A, B, C group means, then 7 results with noise 0.25"}, indent=2)
+            json.dumps(
+                {
+                    "expression": f"mean({a}) - mean({b}) + mean({c})",
+                    "groups_by": how,
+                    "panel": "A, B, C group means, then 7 results with noise 0.25",
+                },
+                indent=2,
+            )
         )
     except ValueError as exc:
         log.warning("latent arithmetic skipped: %s", exc)
@@ -586,8 +699,12 @@ class DBNOptions(BaseModel):
     """``task_options`` of ``dbn_classification``."""
 
     model_config = ConfigDict(extra="forbid")
-    pretrained: str | None = Field(None, description="models:/NAME@ALIAS or a .keras DBN; default: pre-train here")
-    epochs_per_layer: list[int] = Field([5, 5, 5], description="greedy pre-training epochs of each RBM")
+    pretrained: str | None = Field(
+        None, description="models:/NAME@ALIAS or a .keras DBN; default: pre-train here"
+    )
+    epochs_per_layer: list[int] = Field(
+        [5, 5, 5], description="greedy pre-training epochs of each RBM"
+    )
     cd_k: int = Field(1, ge=1)
     persistent: bool = False
     binarize: float | None = Field(0.5, gt=0.0, lt=1.0)
@@ -608,7 +725,9 @@ class DBNClassificationTask(ClassificationTask):
             raise ConfigError(
                 f"model.name: task 'dbn_classification' fine-tunes 'dbn_classifier'; received {config.model.name!r}."
             )
-        self.options: DBNOptions = parse_options(DBNOptions, config.task_options, "dbn_classification")
+        self.options: DBNOptions = parse_options(
+            DBNOptions, config.task_options, "dbn_classification"
+        )
         self.pretraining: dict[str, Any] = {}
 
     def build_model(self, info: dict[str, Any]):
@@ -640,27 +759,46 @@ class DBNClassificationTask(ClassificationTask):
         arrays = load_arrays(self.config)
         x, y = arrays["train"]
         x = binarize(x, opts.binarize)
-        dbn = models.create_model("dbn", input_shape=tuple(info["image_shape"]), hidden_units=list(units))
-        trainer = gen.RBMTrainer(dbn, cd_k=opts.cd_k, persistent=opts.persistent, batch_size=opts.batch_size,
-                                 seed=self.config.runtime.seed)
+        dbn = models.create_model(
+            "dbn", input_shape=tuple(info["image_shape"]), hidden_units=list(units)
+        )
+        trainer = gen.RBMTrainer(
+            dbn,
+            cd_k=opts.cd_k,
+            persistent=opts.persistent,
+            batch_size=opts.batch_size,
+            seed=self.config.runtime.seed,
+        )
         layers = len(trainer.rbms)
         if len(opts.epochs_per_layer) != layers:
-            raise ConfigError(f"task_options.epochs_per_layer: {len(opts.epochs_per_layer)} entries for {layers} RBMs.")
+            raise ConfigError(
+                f"task_options.epochs_per_layer: {len(opts.epochs_per_layer)} entries for {layers} RBMs."
+            )
         init_visible_bias(trainer.rbms[0], x)
         train_cfg = TrainConfig.model_validate(
-            {"learning_rate": opts.learning_rate, "optimizer": {"name": "sgd", "momentum": opts.momentum},
-             "batch_size": opts.batch_size}
+            {
+                "learning_rate": opts.learning_rate,
+                "optimizer": {"name": "sgd", "momentum": opts.momentum},
+                "batch_size": opts.batch_size,
+            }
         )
         steps = len(x) // opts.batch_size
         trainer.compile([build_optimizer(train_cfg, steps) for _ in range(layers)])
         schedule = gen.GreedyLayerSchedule(opts.epochs_per_layer)
         hist = trainer.fit(
-            repeating_dataset(x, y, opts.batch_size, self.config.runtime.seed), epochs=sum(opts.epochs_per_layer),
-            steps_per_epoch=steps, callbacks=[schedule], verbose=self.config.train.verbose,
+            repeating_dataset(x, y, opts.batch_size, self.config.runtime.seed),
+            epochs=sum(opts.epochs_per_layer),
+            steps_per_epoch=steps,
+            callbacks=[schedule],
+            verbose=self.config.train.verbose,
         )
         self.pretraining = {
-            "kind": "pretrained_in_run", "epochs_per_layer": opts.epochs_per_layer, "cd_k": opts.cd_k,
-            "persistent": opts.persistent, "binarize": opts.binarize, "learning_rate": opts.learning_rate,
+            "kind": "pretrained_in_run",
+            "epochs_per_layer": opts.epochs_per_layer,
+            "cd_k": opts.cd_k,
+            "persistent": opts.persistent,
+            "binarize": opts.binarize,
+            "learning_rate": opts.learning_rate,
             "final_recon_error": float(hist.history["recon_error"][-1]),
         }
         return dbn

@@ -65,7 +65,11 @@ def test_output_shapes():
     assert dcgan.get_layer("generator").output_shape == (None, 28, 28, 1)
     assert dcgan.get_layer("discriminator").output_shape == (None, 1)
     draw = models.create_model("draw", steps=4, latent_dim=5)
-    assert [tuple(t.shape) for t in draw.outputs] == [(None, 4, 28, 28, 1), (None, 4, 5), (None, 4, 5)]
+    assert [tuple(t.shape) for t in draw.outputs] == [
+        (None, 4, 28, 28, 1),
+        (None, 4, 5),
+        (None, 4, 5),
+    ]
     z = np.zeros((3, 4, 5), "float32")
     assert tuple(draw.get_layer("draw_core").generate(z).shape) == (3, 4, 28, 28, 1)
 
@@ -116,7 +120,9 @@ def test_rbm_sampling_and_gibbs():
     layer.build((None, 10))
     probs = np.full((2, 10), 0.3, "float32")
     noise = np.linspace(0, 0.99, 20, dtype="float32").reshape(2, 10)
-    np.testing.assert_array_equal(np.asarray(layer.sample(probs, noise)), (noise < 0.3).astype("float32"))
+    np.testing.assert_array_equal(
+        np.asarray(layer.sample(probs, noise)), (noise < 0.3).astype("float32")
+    )
     v = (np.random.default_rng(0).uniform(size=(4, 10)) < 0.5).astype("float32")
     sample, pv = layer.gibbs_chain(v, 3, seed=0)
     assert sample.shape == (4, 10) and pv.shape == (4, 10)
@@ -127,7 +133,9 @@ def test_dbn_weights_move_into_the_classifier():
     dbn = models.create_model("dbn", input_shape=(8, 8, 1), hidden_units=[16, 8])
     clf = models.create_model("dbn_classifier", input_shape=(8, 8, 1), hidden_units=[16, 8])
     assert load_dbn_weights(clf, dbn) == 2
-    np.testing.assert_array_equal(clf.get_layer("rbm_2_dense").get_weights()[0], np.asarray(rbm_layers(dbn)[1].kernel))
+    np.testing.assert_array_equal(
+        clf.get_layer("rbm_2_dense").get_weights()[0], np.asarray(rbm_layers(dbn)[1].kernel)
+    )
     x = np.random.default_rng(0).uniform(size=(2, 8, 8, 1)).astype("float32")
     features = keras.Model(clf.inputs, clf.get_layer("rbm_2_dense").output)
     np.testing.assert_allclose(np.asarray(features(x)), np.asarray(dbn(x)), atol=1e-6)

@@ -26,24 +26,44 @@ from pipelines.tasks.generation import GenerationTask  # noqa: E402
 
 SMALL = {
     "rbm-digits": ["model.hidden_units=32"],
-    "dbn": ["model.name=dbn", "model.hidden_units=[32,16]", "task_options.epochs_per_layer=[1,1]",
-            "task_options.persistent=false"],
+    "dbn": [
+        "model.name=dbn",
+        "model.hidden_units=[32,16]",
+        "task_options.epochs_per_layer=[1,1]",
+        "task_options.persistent=false",
+    ],
     "vae-digits": [],
     "gan-digits": ["model.generator_units=[64]", "model.discriminator_units=[64]"],
     "dcgan-digits": [],
     "draw-digits": ["model.steps=4"],
-    "draw_no_attention": ["model.name=draw_no_attention", "model.steps=4", "model.latent_dim=4",
-                          "model.encoder_units=32", "model.decoder_units=32"],
+    "draw_no_attention": [
+        "model.name=draw_no_attention",
+        "model.steps=4",
+        "model.latent_dim=4",
+        "model.encoder_units=32",
+        "model.decoder_units=32",
+    ],
 }
-BASE = {"rbm-digits": "rbm-digits", "dbn": "rbm-digits", "vae-digits": "vae-digits", "gan-digits": "gan-digits",
-        "dcgan-digits": "dcgan-digits", "draw-digits": "draw-digits", "draw_no_attention": "draw-digits"}
+BASE = {
+    "rbm-digits": "rbm-digits",
+    "dbn": "rbm-digits",
+    "vae-digits": "vae-digits",
+    "gan-digits": "gan-digits",
+    "dcgan-digits": "dcgan-digits",
+    "draw-digits": "draw-digits",
+    "draw_no_attention": "draw-digits",
+}
 
 
 def make_task(key: str, tmp_path, *extra: str) -> GenerationTask:
     overrides = [
         *[o for o in SMALL[key] if not o.startswith("model.name=")],
-        f"runtime.work_dir={tmp_path}", "train.verbose=0", "task_options.fid_samples=100",
-        "task_options.iw_samples=3", "task_options.gibbs_steps=10", "task_options.sample_every=0",
+        f"runtime.work_dir={tmp_path}",
+        "train.verbose=0",
+        "task_options.fid_samples=100",
+        "task_options.iw_samples=3",
+        "task_options.gibbs_steps=10",
+        "task_options.sample_every=0",
         *extra,
     ]
     names = [o for o in SMALL[key] if o.startswith("model.name=")]
@@ -69,13 +89,19 @@ def test_trains_without_nan_exports_and_reloads(key, tmp_path):
     task = make_task(key, tmp_path, "train.steps_per_epoch=4", "train.epochs=2")
     inputs, model = build(task)
     history = model.fit(
-        inputs.train, epochs=2, steps_per_epoch=4, validation_data=inputs.eval,
-        callbacks=task.callbacks(tmp_path, inputs), verbose=0,
+        inputs.train,
+        epochs=2,
+        steps_per_epoch=4,
+        validation_data=inputs.eval,
+        callbacks=task.callbacks(tmp_path, inputs),
+        verbose=0,
     ).history
     assert all(np.isfinite(v).all() for v in history.values()), history
     network = task.serving_model(model)
     endpoints = task.endpoints(network, inputs.info, task.check_batch(inputs))
-    result = write_saved_model(network, endpoints, tmp_path / "serving" / "1", model_name=key, warmup_requests=1)
+    result = write_saved_model(
+        network, endpoints, tmp_path / "serving" / "1", model_name=key, warmup_requests=1
+    )
     names = {"serving_default"} | ({"generate_latents"} if task.family != "rbm" else set())
     names |= {"encode", "decode"} if task.family == "vae" else set()
     assert names <= set(result.signatures)
@@ -106,7 +132,9 @@ def test_same_seed_same_samples(key, tmp_path):
 def test_cd1_lowers_the_free_energy_of_training_data(tmp_path):
     """From zero biases (the free energy is then -H log 2 for every v), CD-1 lowers F of
     the training data, and F(noise) - F(data) = log p(data) / p(noise) grows."""
-    task = make_task("rbm-digits", tmp_path, "task_options.persistent=false", "train.learning_rate=0.1")
+    task = make_task(
+        "rbm-digits", tmp_path, "task_options.persistent=false", "train.learning_rate=0.1"
+    )
     inputs, model = build(task)
     x = task.arrays["fit"][0].reshape(len(task.arrays["fit"][0]), -1)
     noise = (np.random.default_rng(0).uniform(size=x.shape) < x.mean()).astype("float32")
@@ -117,8 +145,13 @@ def test_cd1_lowers_the_free_energy_of_training_data(tmp_path):
         return float(np.mean(rbm.free_energy(v)))
 
     before, gap_before = free_energy(x), free_energy(noise) - free_energy(x)
-    model.fit(inputs.train, epochs=4, steps_per_epoch=inputs.steps_per_epoch, verbose=0,
-              callbacks=task.callbacks(tmp_path, inputs))
+    model.fit(
+        inputs.train,
+        epochs=4,
+        steps_per_epoch=inputs.steps_per_epoch,
+        verbose=0,
+        callbacks=task.callbacks(tmp_path, inputs),
+    )
     after, gap_after = free_energy(x), free_energy(noise) - free_energy(x)
     assert after < before - 5.0, (before, after)
     assert gap_after > gap_before + 5.0, (gap_before, gap_after)
@@ -139,7 +172,12 @@ def test_vae_elbo_improves_on_its_initial_value(tmp_path):
 
 @pytest.mark.slow
 def test_dcgan_frechet_distance_beats_the_untrained_generator(tmp_path):
-    task = make_task("dcgan-digits", tmp_path, "task_options.fid_samples=300", "task_options.fid_classifier_epochs=3")
+    task = make_task(
+        "dcgan-digits",
+        tmp_path,
+        "task_options.fid_samples=300",
+        "task_options.fid_classifier_epochs=3",
+    )
     inputs, model = build(task)
     model.fit(inputs.train, epochs=12, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
     metrics = task.evaluate(model, inputs)
@@ -173,7 +211,8 @@ def test_latent_tools_shapes():
     assert res["a"].shape == (5,) and res["result"].shape == (4, 5)
     np.testing.assert_allclose(
         latent_arithmetic(z, groups, 0, 1, 2)["result"][0],
-        z[groups == 0].mean(0) - z[groups == 1].mean(0) + z[groups == 2].mean(0), rtol=1e-5,
+        z[groups == 0].mean(0) - z[groups == 1].mean(0) + z[groups == 2].mean(0),
+        rtol=1e-5,
     )
     draw_z = rng.standard_normal((30, 4, 3)).astype("float32")
     assert latent_arithmetic(draw_z, groups, 0, 1, 2, count=2)["result"].shape == (2, 4, 3)
@@ -218,27 +257,57 @@ def test_driver_runs_vae_and_dbn_classifier_end_to_end(tmp_path, monkeypatch):
     from pipelines.train import run_experiment
 
     monkeypatch.chdir(tmp_path)
-    common = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"runtime.work_dir={tmp_path / 'runs'}",
-              f"export.serving_dir={tmp_path / 'serving'}", "train.verbose=0", "export.warmup_requests=1"]
-    summary = run_experiment(load_config(
-        "vae-digits", [*common, "train.epochs=2", "task_options.iw_samples=3", "task_options.fid_samples=100"]
-    ))
+    common = [
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"runtime.work_dir={tmp_path / 'runs'}",
+        f"export.serving_dir={tmp_path / 'serving'}",
+        "train.verbose=0",
+        "export.warmup_requests=1",
+    ]
+    summary = run_experiment(
+        load_config(
+            "vae-digits",
+            [
+                *common,
+                "train.epochs=2",
+                "task_options.iw_samples=3",
+                "task_options.fid_samples=100",
+            ],
+        )
+    )
     assert summary.model_version == "1" and summary.aliases == ["champion"]
     assert summary.gate["gate.metric"] == "neg_elbo"
     for key in ("neg_elbo", "iw_neg_elbo", "fid", "fid_real", "fid_untrained", "confident_share"):
         assert np.isfinite(summary.metrics[key]), key
     artifacts = {p.name for p in (Path(summary.run_dir) / "artifacts").rglob("*")}
-    assert {"samples.png", "epoch_001.png", "interpolation.png", "arithmetic.png", "reconstructions.png",
-            "sample_quality.json"} <= artifacts
+    assert {
+        "samples.png",
+        "epoch_001.png",
+        "interpolation.png",
+        "arithmetic.png",
+        "reconstructions.png",
+        "sample_quality.json",
+    } <= artifacts
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(summary.run_id)}
     assert {"samples", "interpolation.png", "sample_quality.json"} <= logged
     saved = tf.saved_model.load(summary.export_path)
     assert {"serving_default", "generate_latents", "encode", "decode"} <= set(saved.signatures)
 
-    clf = run_experiment(load_config("dbn-classifier-mnist", [
-        *common, "data.name=digits", "data.image_size=8", "model.hidden_units=[64,64]", "train.epochs=3",
-        "task_options.epochs_per_layer=[5,5]", "task_options.batch_size=32", "train.learning_rate=0.003",
-    ]))
+    clf = run_experiment(
+        load_config(
+            "dbn-classifier-mnist",
+            [
+                *common,
+                "data.name=digits",
+                "data.image_size=8",
+                "model.hidden_units=[64,64]",
+                "train.epochs=3",
+                "task_options.epochs_per_layer=[5,5]",
+                "task_options.batch_size=32",
+                "train.learning_rate=0.003",
+            ],
+        )
+    )
     assert clf.metrics["accuracy"] > 0.5
     pretraining = json.loads((Path(clf.run_dir) / "artifacts" / "pretraining.json").read_text())
     assert pretraining["kind"] == "pretrained_in_run" and pretraining["layers_copied"] == 2
