@@ -68,7 +68,7 @@ class GenerationOptions(BaseModel):
     fid_classifier: str | None = Field(
         None, description="models:/NAME@ALIAS or .keras; default: train LeNet-5 here"
     )
-    fid_classifier_epochs: int = Field(5, ge=1)
+    fid_classifier_epochs: int = Field(20, ge=1, description="epochs of the LeNet-5 trained here")
     reference_fids: bool = Field(
         True, description="also report real-vs-real and untrained-network distances"
     )
@@ -196,6 +196,7 @@ class GenerationTask(Task):
         "min_class_share",
         "fid_real",
         "fid_untrained",
+        "confident_share_real",
     )
 
     def __init__(self, config: ExperimentConfig):
@@ -424,13 +425,14 @@ class GenerationTask(Task):
         # sample quality in LeNet-5 feature space
         clf = self.feature_classifier()
         real = arrays["test"][0]
-        real_feats, _ = clf.features_and_probs(real)
+        real_feats, real_probs = clf.features_and_probs(real)
         n = opts.fid_samples
         samples = self.sample(network, n, seed=0)
         metrics.update(ev.sample_quality(clf, samples, real_feats))
         if opts.reference_fids:
             train_feats, _ = clf.features_and_probs(arrays["train"][0][: len(real)])
             metrics["fid_real"] = ev.frechet_distance(train_feats, real_feats)
+            metrics["confident_share_real"] = float(np.mean(real_probs.max(1) > ev.CONFIDENCE))
             import keras
 
             keras.utils.set_random_seed(self.config.runtime.seed)
