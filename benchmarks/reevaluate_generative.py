@@ -23,15 +23,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model_uri", help="models:/NAME/VERSION")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     import keras
-    import mlflow
     import yaml
 
+    import mlflow
     from pipelines.config import apply_overrides, validate_config
     from pipelines.tasks.base import get_task
     from pipelines.tracking import DEFAULT_URI
@@ -51,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     trainer.network.set_weights(mlflow.keras.load_model(args.model_uri).get_weights())
     metrics = task.evaluate(trainer, inputs)
     result = {
-        "model_uri": args.model_uri, "run_id": mv.run_id, "overrides": args.set, "metrics": metrics,
-        "fid_classifier": task.feature_classifier().record if hasattr(task, "feature_classifier") else None,
+        "model_uri": args.model_uri,
+        "run_id": mv.run_id,
+        "overrides": args.set,
+        "metrics": metrics,
+        "fid_classifier": task.feature_classifier().record
+        if hasattr(task, "feature_classifier")
+        else None,
         "seconds": round(time.time() - started, 1),
     }
     out = ROOT / "benchmarks" / "results" / f"{name}-v{version}-reevaluated.json"

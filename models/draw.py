@@ -157,7 +157,8 @@ class DrawCore(keras.layers.Layer):
         return ops.zeros((batch, units), dtype=self.compute_dtype)
 
     def call(self, inputs):
-        """``[images [B,H,W,C], noise [B,T,z]] -> (canvases [B,T,H,W,C], z_mean [B,T,z], z_log_sigma [B,T,z])``."""
+        """``[images [B,H,W,C], noise [B,T,z]]`` -> ``(canvases [B,T,H,W,C], z_mean [B,T,z],
+        z_log_sigma [B,T,z])``."""
         x, noise = inputs
         batch = ops.shape(x)[0]
         canvas = ops.zeros_like(x)
@@ -256,7 +257,8 @@ def draw_network(
         isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
     ):
         raise ValueError(
-            f"`input_shape` must be (H, W, C) of positive ints. Received: input_shape={input_shape!r}"
+            "`input_shape` must be (H, W, C) of positive ints. "
+            f"Received: input_shape={input_shape!r}"
         )
     for arg, value in (
         ("steps", steps),

@@ -32,7 +32,8 @@ def _check_common(input_shape, latent_dim, divisor: int) -> tuple[int, int, int]
         or shape[1] % divisor
     ):
         raise ValueError(
-            f"`input_shape` must be (H, W, C) with H and W divisible by {divisor}. Received: input_shape={input_shape!r}"
+            f"`input_shape` must be (H, W, C) with H and W divisible by {divisor}. "
+            f"Received: input_shape={input_shape!r}"
         )
     if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
         raise ValueError(

@@ -30,7 +30,8 @@ def _check_units(hidden_units) -> tuple[int, ...]:
     units = tuple(hidden_units) if isinstance(hidden_units, (list, tuple)) else None
     if not units or any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
         raise ValueError(
-            f"`hidden_units` must be a non-empty list of positive ints. Received: hidden_units={hidden_units!r}"
+            "`hidden_units` must be a non-empty list of positive ints. "
+            f"Received: hidden_units={hidden_units!r}"
         )
     return units
 
@@ -39,7 +40,8 @@ def _check_shape(input_shape) -> tuple[int, ...]:
     shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else None
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(
-            f"`input_shape` must be a tuple of positive ints, e.g. (28, 28, 1). Received: input_shape={input_shape!r}"
+            "`input_shape` must be a tuple of positive ints, e.g. (28, 28, 1). "
+            f"Received: input_shape={input_shape!r}"
         )
     return shape
 

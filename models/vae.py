@@ -60,7 +60,8 @@ def log_likelihood(decoder, x, decoded):
 
 
 def decoder_mean(decoder, decoded):
-    """The mean image of ``p(x|z)``: sigmoid of Bernoulli logits, or the Gaussian mean clipped to [0, 1]."""
+    """The mean image of ``p(x|z)``: sigmoid of Bernoulli logits, or the Gaussian mean
+    clipped to [0, 1]."""
     if any(isinstance(la, PixelLogScale) for la in decoder.layers):
         return ops.clip(decoded, 0.0, 1.0)
     return ops.sigmoid(decoded)

@@ -292,7 +292,9 @@ class VAETrainer(GenerativeTrainer):
         with tf.GradientTape() as tape:
             values = self.losses_of(x, training=True)
         variables = self.network.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(values["loss"], variables), variables, strict=True))
+        self.optimizer.apply_gradients(
+            zip(tape.gradient(values["loss"], variables), variables, strict=True)
+        )
         return self._update(values)
 
     def log_weights(self, x, k: int, seed: int = 0):
@@ -420,7 +422,9 @@ class DRAWTrainer(GenerativeTrainer):
         with tf.GradientTape() as tape:
             values = self.losses_of(x, training=True)
         variables = self.network.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(values["loss"], variables), variables, strict=True))
+        self.optimizer.apply_gradients(
+            zip(tape.gradient(values["loss"], variables), variables, strict=True)
+        )
         return self._update(values)
 
     def log_weights(self, x, k: int, seed: int = 0):

@@ -200,7 +200,8 @@ def sample_quality(
 def interpolate(
     a: np.ndarray, b: np.ndarray, steps: int = 8, spherical: bool = False
 ) -> np.ndarray:
-    """``steps`` latents from ``a`` to ``b`` (linear, or slerp for Gaussian latents) [steps, *a.shape]."""
+    """``steps`` latents from ``a`` to ``b`` [steps, *a.shape]: linear, or spherical
+    (slerp, for Gaussian latents)."""
     t = np.linspace(0.0, 1.0, steps)
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)

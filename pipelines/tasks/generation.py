@@ -321,8 +321,8 @@ class GenerationTask(Task):
         if self.options.epochs_per_layer is not None:
             if len(self.options.epochs_per_layer) != layers:
                 raise ConfigError(
-                    f"task_options.epochs_per_layer: {len(self.options.epochs_per_layer)} entries for "
-                    f"{layers} RBMs."
+                    f"task_options.epochs_per_layer: {len(self.options.epochs_per_layer)} "
+                    f"entries for {layers} RBMs."
                 )
             return list(self.options.epochs_per_layer)
         total = self.config.train.epochs
@@ -377,7 +377,8 @@ class GenerationTask(Task):
                 cache = (
                     Path(self.config.runtime.work_dir)
                     / "_fid_classifiers"
-                    / f"lenet5-{self.config.data.name}-{arrays['fingerprint']}-{shape}-e{opts.fid_classifier_epochs}.keras"
+                    / f"lenet5-{self.config.data.name}-{arrays['fingerprint']}-{shape}"
+                    f"-e{opts.fid_classifier_epochs}.keras"
                 )
                 self._classifier = ev.train_feature_classifier(
                     arrays["train"],
@@ -725,7 +726,8 @@ class DBNClassificationTask(ClassificationTask):
         super().__init__(config)
         if config.model.name != "dbn_classifier":
             raise ConfigError(
-                f"model.name: task 'dbn_classification' fine-tunes 'dbn_classifier'; received {config.model.name!r}."
+                "model.name: task 'dbn_classification' fine-tunes 'dbn_classifier'; "
+                f"received {config.model.name!r}."
             )
         self.options: DBNOptions = parse_options(
             DBNOptions, config.task_options, "dbn_classification"
@@ -774,7 +776,8 @@ class DBNClassificationTask(ClassificationTask):
         layers = len(trainer.rbms)
         if len(opts.epochs_per_layer) != layers:
             raise ConfigError(
-                f"task_options.epochs_per_layer: {len(opts.epochs_per_layer)} entries for {layers} RBMs."
+                f"task_options.epochs_per_layer: {len(opts.epochs_per_layer)} entries "
+                f"for {layers} RBMs."
             )
         init_visible_bias(trainer.rbms[0], x)
         train_cfg = TrainConfig.model_validate(
