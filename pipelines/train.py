@@ -174,7 +174,7 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
             options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
             eval_data = eval_data.with_options(options)
         derived = {
-            "derived.strategy": type(strategy).__name__,
+            "derived.strategy": "MultiWorkerMirroredStrategy" if multi_worker else type(strategy).__name__,
             "derived.workers": num_workers,
             "derived.replicas": replicas,
             "derived.global_batch_size": config.train.batch_size,
@@ -200,6 +200,11 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
 
         # -- model, in the strategy's scope ---------------------------------------------
         checkpoint = loop.TrainingCheckpoint(ckpt_dir, every_n_steps=config.train.checkpoint_every_steps)
+        # Seed again: preparing a dataset the first time may draw from the global generators,
+        # and the initial weights must not depend on whether the data was already on disk.
+        import keras
+
+        keras.utils.set_random_seed(config.runtime.seed)
         with strategy.scope():
             model = task.build_model(inputs.info)
             task.compile_model(model, inputs)
@@ -209,8 +214,6 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
             raise RuntimeError(f"checkpoint position {restored} differs from the peeked {position}")
 
         # -- fit -------------------------------------------------------------------------
-        import keras
-
         history_file = _HistoryFile(slot / f"history-{runtime.worker_name()}.json")
         history_writer, history = history_file.callback(history_file.load() if state else {}, position.epoch)
         callbacks = [keras.callbacks.TerminateOnNaN(), *task.callbacks(run_dir, inputs), history_writer]
@@ -253,7 +256,8 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
                 endpoints = task.endpoints(serving, inputs.info, task.check_batch(inputs))
                 staged = export.write_saved_model(
                     serving, endpoints, serving_root / "staging", model_name=model_name,
-                    warmup_requests=config.export.warmup_requests, atol=config.export.atol,
+                    warmup_requests=config.export.warmup_requests,
+                    atol=export.tolerance(config.export.atol, config.runtime.mixed_precision),
                 )
                 metrics["export_max_abs_diff"] = staged.max_abs_diff
                 if track:
@@ -268,7 +272,7 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
                 existing = [int(p.name) for p in serving_root.glob("[0-9]*") if p.name.isdigit()]
                 version = str(max(existing, default=0) + 1)
             if staged is not None:
-                export_path = str(export.publish(staged, serving_root / version))
+                export_path = str(export.publish(staged, serving_root / version).resolve())
             if track and config.tracking.log_model:
                 decision = tracking.gate(client, model_name, version, metrics[config.tracking.gate.metric],
                                          config.tracking.gate)

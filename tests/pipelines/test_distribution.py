@@ -1,0 +1,185 @@
+"""Distribution and fault tolerance: mirrored on virtual CPUs, a 2-worker job on loopback
+against a single process, the launcher's fail-fast, kill -9 and resume, SIGTERM, bfloat16.
+
+These start real training processes (TensorFlow's devices and collectives are fixed at
+process start-up), so each test runs the CLI in subprocesses in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# augmentation on, dropout off: two workers must end where one process ends
+BASE = [
+    "train.epochs=2", "train.verbose=0", "model.dropout=0", "data.drop_remainder=true",
+    "export.warmup_requests=1",
+]
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipelines.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _sets(*items: str) -> list[str]:
+    out: list[str] = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+def _weights(uri: str, model_uri: str) -> list[np.ndarray]:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.keras.load_model(model_uri).get_weights()
+
+
+def _max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+@pytest.fixture()
+def ws(tmp_path, tfds_dir):
+    return {"cwd": tmp_path, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DEEPTRENDS_TFDS_DIR": tfds_dir}}
+
+
+def test_two_workers_end_with_the_single_process_weights(ws):
+    multi = _cli("launch", "--workers", "2", "lenet5-digits", *_sets(*BASE, "tracking.registered_model=mw"),
+                 "--output-json", "mw.json", cwd=ws["cwd"], env=ws["env"])
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    single = _cli("train", "lenet5-digits", *_sets(*BASE, "tracking.registered_model=sp"), cwd=ws["cwd"], env=ws["env"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    diff = _max_diff(_weights(ws["uri"], "models:/mw/1"), _weights(ws["uri"], "models:/sp/1"))
+    assert diff < 1e-4, diff  # same batches, same updates; only the all-reduce order differs
+
+    import mlflow
+
+    client = mlflow.MlflowClient(ws["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("lenet5-digits").experiment_id],
+                              "params.`tracking.registered_model` = 'mw'")
+    assert len(runs) == 1  # one run per job: only the chief logs
+    params = runs[0].data.params
+    assert params["derived.workers"] == "2" and params["derived.replicas"] == "2"
+    assert params["derived.global_batch_size"] == "32" and params["derived.per_replica_batch_size"] == "16"
+    assert params["derived.strategy"] == "MultiWorkerMirroredStrategy"
+
+
+def test_launcher_fails_fast_naming_the_dead_worker(ws):
+    cmd = [sys.executable, "-m", "pipelines.cli", "launch", "--workers", "2", "lenet5-digits",
+           *_sets("train.epochs=50", "train.verbose=0")]
+    proc = subprocess.Popen(cmd, cwd=ws["cwd"], env={**os.environ, **ws["env"]}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pids = ws["cwd"] / "runs" / "lenet5-digits" / "launch" / "pids.json"
+    deadline = time.time() + 120
+    while not pids.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(8)  # let the workers reach their collectives
+    os.kill(json.loads(pids.read_text())["worker-1"], signal.SIGKILL)
+    start = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "worker 1 died" in err
+    assert time.time() - start < 60
+
+
+def _wait_for_checkpoints(root: Path, count: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [int(p.name.split("-")[1].split(".")[0]) for p in root.glob("runs/*/.resume/*/checkpoints/*/ckpt-*.index")]
+        if max(found, default=0) >= count:  # the manager keeps only the newest two
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {count} checkpoints: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared")
+
+
+RESUME = [*BASE, "train.epochs=3", "train.checkpoint_every_steps=10"]
+
+
+def test_kill_9_then_same_command_resumes_into_the_same_run(ws):
+    args = ["train", "lenet5-digits", *_sets(*RESUME, "tracking.registered_model=resumed")]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ws["cwd"],
+                            env={**os.environ, **ws["env"]}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoints(ws["cwd"], 3, proc)  # past the first epoch
+    proc.kill()
+    proc.wait()
+    again = _cli(*args, "--output-json", "resumed.json", cwd=ws["cwd"], env=ws["env"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    straight = _cli("train", "lenet5-digits", *_sets(*RESUME, "tracking.registered_model=straight"),
+                    cwd=ws["cwd"], env=ws["env"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(ws["uri"])
+    run_id = json.loads((ws["cwd"] / "resumed.json").read_text())["run_id"]
+    runs = client.search_runs([client.get_experiment_by_name("lenet5-digits").experiment_id],
+                              "params.`tracking.registered_model` = 'resumed'")
+    assert [r.info.run_id for r in runs] == [run_id]  # no second run
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "deeptrends.resumed_at" in run.data.tags
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == [1, 2, 3]
+    diff = _max_diff(_weights(ws["uri"], "models:/resumed/1"), _weights(ws["uri"], "models:/straight/1"))
+    assert diff <= 1e-5, (diff, run.data.tags["deeptrends.resumed_at"], again.stderr[-1500:])
+
+
+def test_sigterm_checkpoints_marks_interrupted_and_resumes(ws):
+    args = ["train", "lenet5-digits", *_sets(*RESUME)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], cwd=ws["cwd"],
+                            env={**os.environ, **ws["env"]}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoints(ws["cwd"], 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "run the same command again" in err
+
+    import mlflow
+
+    client = mlflow.MlflowClient(ws["uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("lenet5-digits").experiment_id])
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["deeptrends.interrupted"]
+    again = _cli(*args, cwd=ws["cwd"], env=ws["env"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    [run] = client.search_runs([client.get_experiment_by_name("lenet5-digits").experiment_id])
+    assert run.info.status == "FINISHED"
+
+
+def test_mirrored_on_two_virtual_cpus_and_bfloat16(ws):
+    out = _cli("train", "lenet5-digits", *_sets(
+        "train.epochs=1", "train.steps_per_epoch=2", "train.verbose=0", "runtime.strategy=mirrored",
+        "runtime.virtual_cpus=2", "runtime.mixed_precision=mixed_bfloat16", "train.scale_learning_rate=true",
+    ), "--output-json", "m.json", cwd=ws["cwd"], env=ws["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((ws["cwd"] / "m.json").read_text())
+    assert summary["metrics"]["export_max_abs_diff"] <= 1e-2  # bfloat16: graph and eager round differently
+
+    import mlflow
+    import tensorflow as tf
+
+    run = mlflow.MlflowClient(ws["uri"]).get_run(summary["run_id"])
+    assert run.data.params["derived.replicas"] == "2"
+    assert float(run.data.params["derived.learning_rate"]) == pytest.approx(2 * 0.002)
+    sig = tf.saved_model.load(summary["export_path"]).signatures["serving_default"]
+    assert sig.structured_outputs["probabilities"].dtype == tf.float32  # outputs stay float32
+
+
+def test_unavailable_strategies_fail_clearly(ws):
+    out = _cli("train", "lenet5-digits", *_sets("runtime.strategy=tpu", "train.epochs=1"), cwd=ws["cwd"], env=ws["env"])
+    assert out.returncode != 0 and "no TPU found" in out.stderr
+    out = _cli("train", "lenet5-digits", *_sets("runtime.strategy=multi_worker", "train.epochs=1"),
+               cwd=ws["cwd"], env={**ws["env"], "TF_CONFIG": ""})
+    assert out.returncode != 0 and "deeptrends launch" in out.stderr
