@@ -25,7 +25,8 @@ def learning_curves(history: dict[str, list[float]], path: Path, title: str = ""
         for key, style in ((name, "-"), (f"val_{name}", "--")):
             if key in history:
                 ys = history[key]
-                ax.plot(range(1, len(ys) + 1), ys, style, label="eval" if key.startswith("val_") else "train")
+                ax.plot(range(1, len(ys) + 1), ys, style, marker="o", markersize=2.5,
+                        label="eval" if key.startswith("val_") else "train")
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
