@@ -723,15 +723,22 @@ class DBNClassificationTask(ClassificationTask):
     backpropagation as in Hinton & Salakhutdinov 2006)."""
 
     def __init__(self, config: ExperimentConfig):
-        super().__init__(config)
+        # The pre-training options are this task's; the rest go to the classification task.
+        own = set(DBNOptions.model_fields)
+        rest = {k: v for k, v in config.task_options.items() if k not in own}
+        try:
+            super().__init__(config.model_copy(update={"task_options": rest}))
+        except ConfigError as exc:
+            accepted = ", ".join(sorted(own))
+            raise ConfigError(f"{exc}\n  (dbn_classification also accepts: {accepted})") from None
+        self.config = config
         if config.model.name != "dbn_classifier":
             raise ConfigError(
                 "model.name: task 'dbn_classification' fine-tunes 'dbn_classifier'; "
                 f"received {config.model.name!r}."
             )
-        self.options: DBNOptions = parse_options(
-            DBNOptions, config.task_options, "dbn_classification"
-        )
+        mine = {k: v for k, v in config.task_options.items() if k in own}
+        self.dbn_options: DBNOptions = parse_options(DBNOptions, mine, "dbn_classification")
         self.pretraining: dict[str, Any] = {}
 
     def build_model(self, info: dict[str, Any]):
@@ -746,7 +753,7 @@ class DBNClassificationTask(ClassificationTask):
     def pretrained_dbn(self, info: dict[str, Any]):
         import keras
 
-        opts = self.options
+        opts = self.dbn_options
         units = self.config.model.kwargs().get("hidden_units", [500, 500, 2000])
         if opts.pretrained:
             if opts.pretrained.startswith("models:/"):
