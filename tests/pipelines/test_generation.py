@@ -241,6 +241,12 @@ def test_bad_task_options_are_named(tmp_path):
         GenerationTask(load_config("rbm-digits", ["task_options.gibs_steps=3"]))
     with pytest.raises(ConfigError, match="model.name"):
         GenerationTask(load_config("rbm-digits", ["model.name=lenet5"]))
+    from pipelines.tasks.generation import DBNClassificationTask
+
+    with pytest.raises(ConfigError, match="task_options.cd_kk"):
+        DBNClassificationTask(load_config("dbn-classifier-mnist", ["task_options.cd_kk=2"]))
+    with pytest.raises(ConfigError, match="task_options.cd_k"):
+        DBNClassificationTask(load_config("dbn-classifier-mnist", ["task_options.cd_k=0"]))
     with pytest.raises(ConfigError, match="epochs_per_layer"):
         make_task("dbn", tmp_path, "task_options.epochs_per_layer=[1,1,1]").build_model(
             {"image_shape": [8, 8, 1]}
