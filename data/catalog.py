@@ -115,6 +115,28 @@ register_dataset(
         source="TFDS mnist, or idx files in $DEEPTRENDS_DATA_DIR/mnist_test",
     )
 )
+register_dataset(
+    DatasetEntry(
+        name="image_folder",
+        kind="image_classification",
+        load="data.folders:load_image_folder",
+        description="a folder of images, a class per sub-folder (JPEG/PNG, any size; train/ and test/ "
+        "sub-folders or a seeded stratified split), resized to load_size and held in memory",
+        options={"path": None, "load_size": 64, "grayscale": False, "test_fraction": 0.2, "split_seed": 20240},
+        source="any folder of images",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="tfds",
+        kind="image_classification",
+        load="data.folders:load_tfds_images",
+        description="any prepared TFDS image-classification dataset (data.tfds_name: mnist, cifar10, ...)",
+        options={"tfds_name": None, "train_split": "train", "eval_split": "test", "image_key": "image",
+                 "label_key": "label", "load_size": None},
+        source="TFDS (must be prepared under data.dir; no network)",
+    )
+)
 # tokenisation options of every translation dataset (read by the translation task)
 _TEXT_OPTIONS = {"max_length": 40, "source_vocab_size": 20000, "target_vocab_size": 20000, "min_count": 1}
 

@@ -42,6 +42,11 @@ from models.layers import (
 )
 from models.registry import register_model
 
+# Input preprocessing of the papers, read by the classification task (models/ holds no
+# data code): train on random 224 crops of images resized to 256 (crop_fraction 224/256),
+# flipped at random, with PCA colour jitter (alpha ~ N(0, 0.1)); evaluate on the centre crop.
+PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+
 # Per convolution: (filters, kernel, stride, zero padding: int or "same",
 #                   split over two GPUs, LRN after, max-pool after).
 ALEXNET_SPECS = {

@@ -43,6 +43,11 @@ from models.layers import (
 )
 from models.registry import register_model
 
+# Input preprocessing, read by the classification task: random crops of resized images
+# (224 of 256) and flips; evaluation on the centre crop. The paper's aspect-ratio crops and
+# photometric distortions (Howard 2013) are not reproduced.
+PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.0}
+
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj; "pool" is a 3x3/2 max-pool.
 INCEPTION_V1_SPECS = (
     ("3a", (64, 96, 128, 16, 32, 32)),

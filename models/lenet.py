@@ -16,6 +16,10 @@ import keras
 from models.layers import activation_layer, check_choice, classifier_head, conv_initializer
 from models.registry import register_model
 
+# Input preprocessing, read by the classification task: none beyond scaling to [0, 1]
+# (LeCun et al. 1998 feed whole 32x32 digits; no crops, flips or colour jitter).
+PREPROCESSING = {"crop_fraction": 1.0, "flip": False, "pca_jitter": 0.0}
+
 
 def lenet(
     input_shape=(32, 32, 1),

@@ -39,6 +39,11 @@ from models.layers import (
 )
 from models.registry import register_model
 
+# Input preprocessing of the paper (section 3.4), read by the classification task: random
+# 224 crops of resized images, flips and the standard colour augmentation of AlexNet;
+# evaluation on the centre crop (the paper's scale jitter [256, 480] is not reproduced).
+PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+
 # depth -> (block kind, blocks per stage) (Table 1 of the paper).
 RESNET_SPECS = {
     18: ("basic", (2, 2, 2, 2)),

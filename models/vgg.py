@@ -33,6 +33,11 @@ from models.layers import (
 )
 from models.registry import register_model
 
+# Input preprocessing of the paper (section 3.1), read by the classification task: random
+# crops of rescaled images (224 of 256), random flips and AlexNet's random RGB colour shift;
+# evaluation on the centre crop.
+PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+
 # depth -> convolutions per block (Table 1, configurations A, B, D, E).
 VGG_SPECS = {
     11: (1, 1, 2, 2, 2),

@@ -96,7 +96,22 @@ def cmd_compare(args) -> int:
     from pipelines.compare import compare
 
     compare(args.experiment, Path(args.output) if args.output else None, args.tracking_uri,
-            args.param, args.x, args.group)
+            args.param, args.x, args.group, metrics=args.metric, log_artifact=not args.no_log)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipelines.runtime import quiet_tensorflow
+
+    quiet_tensorflow()
+    from pipelines.bench import bench
+
+    try:
+        bench(args.model, args.image_size, args.batch_size, args.steps, args.rounds,
+              jit_compile=args.jit_compile, output_json=args.output_json)
+    except ValueError as exc:
+        print(f"deeptrends: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -141,7 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default=None, metavar="PARAM", help="one line per value of this param (e.g. model.name)")
     p.add_argument("--output", default=None, help="folder for runs.csv and compare.png (default compare/EXPERIMENT)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--metric", action="append", default=[], metavar="M",
+                   help="overlay every run's logged curve of this metric in curves.png, e.g. loss (repeatable)")
+    p.add_argument("--no-log", action="store_true", help="do not log the files as artifacts of a 'compare' run")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("bench", help="images/s and MFU of our resnet50/vgg16 vs keras.applications, same batches")
+    p.add_argument("--model", action="append", default=None, choices=["resnet50", "vgg16"],
+                   help="benchmark only this model (repeatable; default both)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best is kept")
+    p.add_argument("--jit-compile", action="store_true", help="XLA-compile both implementations")
+    p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON here")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("launch", help="run CONFIG as a local multi-worker job (N processes, TF_CONFIG on loopback)")
     p.add_argument("--workers", type=int, required=True, help="number of worker processes (worker 0 is the chief)")

@@ -6,6 +6,12 @@ Prints a table (run name, chosen params, every ``eval_*`` metric plus ``train_se
 metric, a bar per run, or, with ``--x PARAM``, a line per ``--group PARAM`` value over
 ``PARAM`` (e.g. ``--x data.length --group model.name`` shows where each cell fails as
 sequences grow). Generic over any experiment.
+
+``--metric M`` (repeatable) adds training curves: the logged history of metric ``M``
+(``loss``, ``val_accuracy``, ``grad_norm/block1_conv1``, ...) of every run, overlaid in
+``curves.png``, and its last value in the table. The PNGs and ``runs.csv`` are also logged
+as artifacts of a run named ``compare`` in the experiment (tag ``deeptrends.compare``),
+which later comparisons leave out.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import csv
 import math
 from pathlib import Path
 
-EXTRA_METRICS = ("train_seconds", "seconds_per_epoch", "num_params", "export_max_abs_diff")
+EXTRA_METRICS = ("train_seconds", "seconds_per_epoch", "num_params", "export_max_abs_diff", "epochs_to_target",
+                 "reached_target")
+COMPARE_TAG = "deeptrends.compare"
 
 
 def _num(value):
@@ -46,6 +54,7 @@ def collect(experiment: str, tracking_uri: str | None = None, params: list[str] 
         filter_string="attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"],
     )
+    runs = [r for r in runs if COMPARE_TAG not in r.data.tags]
     if not runs:
         raise ConfigError(f"EXPERIMENT {experiment!r}: no finished runs")
     metric_names = sorted(
@@ -61,6 +70,71 @@ def collect(experiment: str, tracking_uri: str | None = None, params: list[str] 
             row[m] = r.data.metrics.get(m)
         rows.append(row)
     return rows, metric_names
+
+
+def histories(experiment_rows, metrics: list[str], tracking_uri: str | None = None):
+    """{metric: {run name: [(step, value), ...]}} of the runs in ``experiment_rows``
+    (``collect`` set the tracking URI); a metric no run logged is an error naming it."""
+    import mlflow
+    from pipelines.config import ConfigError
+
+    client = mlflow.MlflowClient()
+    out: dict[str, dict[str, list]] = {}
+    for m in metrics:
+        curves = {}
+        for r in experiment_rows:
+            points = sorted((h.step, h.value) for h in client.get_metric_history(r["run_id"], m))
+            if points:
+                curves[r["run"]] = points
+                r[m] = points[-1][1]
+        if not curves:
+            raise ConfigError(f"--metric {m!r}: no run of this experiment logged it")
+        out[m] = curves
+    return out
+
+
+def plot_curves(curves: dict, path: Path, title: str) -> Path:
+    """One panel per metric, one line per run (x: the logged step)."""
+    from pipelines.plots import _pyplot
+
+    plt = _pyplot()
+    cols = min(3, len(curves))
+    nrows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.6 * nrows), squeeze=False)
+    for ax, (m, runs) in zip(axes.flat, curves.items(), strict=False):
+        for run, points in runs.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], "-", marker="." if len(points) < 40 else None,
+                    label=run)
+        if m.startswith("grad_norm") and all(p[1] > 0 for pts in runs.values() for p in pts):
+            ax.set_yscale("log")
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_artifacts(experiment: str, files: list[Path]) -> str:
+    """Log the comparison's files into a ``compare`` run of the experiment; its run id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, run_name="compare", tags={COMPARE_TAG: "true"})
+    try:
+        for f in files:
+            client.log_artifact(run.info.run_id, str(f))
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
 
 
 def plot(
@@ -106,25 +180,36 @@ def compare(
     params: list[str] | None = None,
     x: str | None = None,
     group: str | None = None,
+    metrics: list[str] | None = None,
+    log_artifact: bool = True,
 ) -> Path:
-    """Print the table and write ``runs.csv`` and ``compare.png``; returns the folder."""
+    """Print the table and write ``runs.csv``, ``compare.png`` and (with ``metrics``)
+    ``curves.png``, logged as artifacts of a ``compare`` run; returns the folder."""
     params = list(
         dict.fromkeys([*(params or []), *([x] if x else []), *([group] if group else [])])
     )
     rows, metric_names = collect(experiment, tracking_uri, params)
+    metrics = list(dict.fromkeys(metrics or []))
+    curves = histories(rows, metrics) if metrics else {}
     out = output or Path("compare") / experiment
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["run", *params, *metric_names]
+    table_metrics = [*metric_names, *(m for m in metrics if m not in metric_names)]
+    columns = ["run", *params, *table_metrics]
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
     with open(out / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["run", "run_id", *params, *metric_names])
+        writer = csv.DictWriter(f, fieldnames=["run", "run_id", *params, *table_metrics])
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, metric_names, out / "compare.png", experiment, x, group)
-    print(f"\nwrote {out / 'runs.csv'} and {out / 'compare.png'}")
+    files = [out / "runs.csv", plot(rows, metric_names, out / "compare.png", experiment, x, group)]
+    if curves:
+        files.append(plot_curves(curves, out / "curves.png", experiment))
+    print(f"\nwrote {', '.join(str(f) for f in files)}")
+    if log_artifact:
+        run_id = log_artifacts(experiment, files)
+        print(f"logged them as artifacts of run {run_id} ('compare') in experiment {experiment!r}")
     return out
 
 

@@ -43,9 +43,12 @@ class AugmentConfig(_Section):
     """Training-time augmentation, applied per batch."""
 
     pad_crop: int = Field(0, ge=0, description="pixels of padding before a random crop back to size")
-    flip: bool = False
+    flip: bool | None = Field(None, description="random horizontal flip; None: the model family's PREPROCESSING")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="max rotation in degrees")
     zoom: float = Field(0.0, ge=0.0, lt=1.0, description="max relative zoom in/out")
+    pca_jitter: float | None = Field(
+        None, ge=0.0, description="AlexNet's PCA colour jitter std (paper: 0.1); None: the family's"
+    )
 
 
 class DataConfig(BaseModel):
@@ -62,6 +65,12 @@ class DataConfig(BaseModel):
     deterministic: bool = True
     drop_remainder: bool | None = Field(None, description="drop partial train batches (default: when replicas > 1)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    preprocessing: Literal["model", "none"] = Field(
+        "model", description="model: unset crop_fraction/flip/pca_jitter come from the family's PREPROCESSING"
+    )
+    crop_fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="resize to image_size/crop_fraction, crop (eval: centre, train: random)"
+    )
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -1,6 +1,16 @@
 """Image classification: top-1/top-5 accuracy, learning curves, confusion matrix, and the
 ``serving_default`` (preprocessed ``images``) and ``image_bytes`` (encoded PNG/JPEG)
-serving signatures."""
+serving signatures.
+
+Preprocessing: each model family declares ``PREPROCESSING`` (crop_fraction, flip,
+pca_jitter) beside its builder; with ``data.preprocessing: model`` (the default) it fills
+whatever the config leaves unset. The resolved values feed the training pipeline and the
+``image_bytes`` signature alike and are saved in ``dataset_info.json``.
+
+``task_options`` (all optional): ``gradient_norm_every`` (log per-layer gradient norms
+every N steps), ``target_accuracy`` (log ``epochs_to_target``), ``evaluate_train`` (also
+evaluate the un-augmented training split: ``train_accuracy``, ``train_eval_gap``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
+from pydantic import BaseModel, ConfigDict, Field
 import numpy as np
 import tensorflow as tf
 
 import models
-from data.images import Augment, ImageInputSpec, build_image_datasets, preprocess_images
+from data.images import Augment, ImageInputSpec, build_image_datasets, build_train_as_eval, preprocess_images
 from pipelines.optim import build_optimizer
 from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
 
@@ -22,16 +33,60 @@ def _main_output(outputs):
     return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
+class ClassificationOptions(BaseModel):
+    """``task_options`` of the classification task."""
+
+    model_config = ConfigDict(extra="forbid")
+    gradient_norm_every: int | None = Field(
+        None, ge=1, description="log grad_norm/<layer> on a fixed training batch every N steps"
+    )
+    target_accuracy: float | None = Field(
+        None, gt=0.0, le=1.0, description="log epochs_to_target: the first epoch whose val_accuracy reaches it"
+    )
+    evaluate_train: bool = Field(False, description="also evaluate the un-augmented training split")
+
+
+def family_preprocessing(model_name: str) -> dict[str, Any]:
+    """The ``PREPROCESSING`` dict declared in the model's file ({} if none)."""
+    import importlib
+
+    builder = models.get_model_builder(model_name)
+    return dict(getattr(importlib.import_module(builder.__module__), "PREPROCESSING", {}))
+
+
+def resolve_preprocessing(config) -> dict[str, Any]:
+    """crop_fraction, flip and pca_jitter of a run: the config's where set, else (with
+    ``data.preprocessing: model``) the family's, else none."""
+    family = family_preprocessing(config.model.name) if config.data.preprocessing == "model" else {}
+    data, aug = config.data, config.data.augment
+    return {
+        "crop_fraction": float(data.crop_fraction if data.crop_fraction is not None else family.get("crop_fraction", 1.0)),
+        "flip": bool(aug.flip if aug.flip is not None else family.get("flip", False)),
+        "pca_jitter": float(aug.pca_jitter if aug.pca_jitter is not None else family.get("pca_jitter", 0.0)),
+    }
+
+
 @register_task("classification")
 class ClassificationTask(Task):
     """Supervised image classification with a softmax classifier."""
 
     supports_start_position = True
-    metric_names = ("loss", "accuracy", "top5_accuracy", "top1_error", "top5_error")
+    metric_names = ("loss", "accuracy", "top5_accuracy", "top1_error", "top5_error", "train_accuracy",
+                    "train_eval_gap")
     aux_loss_weight = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014)
+
+    def __init__(self, config):
+        super().__init__(config)
+        from pipelines.tasks.generation import parse_options
+
+        self.options = parse_options(ClassificationOptions, config.task_options, "classification")
+        self.preprocessing = resolve_preprocessing(config)
+        self._grad_norms = None
 
     def input_spec(self) -> ImageInputSpec:
         cfg = self.config
+        pre = self.preprocessing
+        augment = {**cfg.data.augment.model_dump(), "flip": pre["flip"], "pca_jitter": pre["pca_jitter"]}
         return ImageInputSpec(
             name=cfg.data.name,
             batch_size=cfg.train.batch_size,
@@ -42,11 +97,12 @@ class ClassificationTask(Task):
             cache=cfg.data.cache,
             shuffle_buffer=cfg.data.shuffle_buffer,
             deterministic=cfg.data.deterministic,
-            augment=Augment(**cfg.data.augment.model_dump()),
+            augment=Augment(**augment),
             options=cfg.data.options(),
             drop_remainder=cfg.data.drop_remainder if cfg.data.drop_remainder is not None else self.num_replicas > 1,
             start_epoch=self.start_epoch,
             start_step=self.start_step,
+            crop_fraction=pre["crop_fraction"],
         )
 
     def build_inputs(self) -> Inputs:
@@ -66,6 +122,7 @@ class ClassificationTask(Task):
                 "num_eval": info.num_eval,
                 "source": info.source,
                 "shard_policy": info.shard_policy,
+                "preprocessing": self.preprocessing,
             },
             fingerprint=info.fingerprint,
         )
@@ -114,6 +171,19 @@ class ClassificationTask(Task):
             return ds.map(lambda x, y: (x, tuple([y] * heads)))
         return ds
 
+    def callbacks(self, run_dir: Path, inputs: Inputs) -> list:
+        from pipelines import callbacks
+        from pipelines.runtime import is_chief
+
+        out = []
+        if self.options.gradient_norm_every:
+            batch = next(iter(self.prepare_dataset(inputs.train).take(1)))
+            self._grad_norms = callbacks.GradientNorms(batch, self.options.gradient_norm_every, chief=is_chief())
+            out.append(self._grad_norms)
+        if self.options.target_accuracy:
+            out.append(callbacks.EpochsToTarget(self.options.target_accuracy, chief=is_chief()))
+        return out
+
     # -- evaluation -------------------------------------------------------------
     def predict(self, model, dataset) -> tuple[np.ndarray, np.ndarray]:
         probs, labels = [], []
@@ -129,13 +199,18 @@ class ClassificationTask(Task):
         k = min(5, probs.shape[1])
         topk = np.argsort(-probs, axis=1)[:, :k]
         self._last_eval = (probs, labels)
-        return {
+        metrics = {
             "loss": loss,
             "accuracy": float(np.mean(topk[:, 0] == labels)),
             "top5_accuracy": float(np.mean(np.any(topk == labels[:, None], axis=1))),
             "top1_error": float(np.mean(topk[:, 0] != labels)),
             "top5_error": float(np.mean(~np.any(topk == labels[:, None], axis=1))),
         }
+        if self.options.evaluate_train:
+            train_probs, train_labels = self.predict(model, build_train_as_eval(self.input_spec()))
+            metrics["train_accuracy"] = float(np.mean(train_probs.argmax(axis=1) == train_labels))
+            metrics["train_eval_gap"] = metrics["train_accuracy"] - metrics["accuracy"]
+        return metrics
 
     def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
         from pipelines import plots
@@ -145,11 +220,14 @@ class ClassificationTask(Task):
         plots.confusion_matrix(
             labels, probs.argmax(axis=1), inputs.info["class_names"], out_dir / "confusion_matrix.png"
         )
+        if self._grad_norms is not None:
+            self._grad_norms.plot(out_dir / "gradient_norms.png")
 
     # -- serving ------------------------------------------------------------------
     def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
         height, width, channels = (int(d) for d in info["image_shape"])
         raw_channels = int(info["raw_shape"][-1])
+        crop_fraction = float((info.get("preprocessing") or {}).get("crop_fraction", 1.0))
         k = min(5, int(info["num_classes"]))
 
         def outputs(images):
@@ -165,7 +243,7 @@ class ClassificationTask(Task):
         def decode(data):
             image = tf.io.decode_image(data, channels=raw_channels, expand_animations=False)
             image.set_shape([None, None, raw_channels])
-            return preprocess_images(image[None], height, channels)[0]
+            return preprocess_images(image[None], height, channels, crop_fraction)[0]
 
         def serve_images(images):
             return outputs(images)

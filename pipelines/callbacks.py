@@ -1,0 +1,155 @@
+"""Keras callbacks for the claim experiments: per-layer gradient norms (vanishing
+gradients, Glorot & Bengio 2010) and epochs to a target accuracy (Ioffe & Szegedy 2015).
+
+Both log to the active MLflow run from the chief only, every value of one moment in one
+``log_metrics`` call, and keep what they measured on the callback for artifacts and tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _mlflow_run():
+    """The active MLflow run, or None (tracking off, or not the chief's process)."""
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        return None
+    return mlflow if mlflow.active_run() is not None else None
+
+
+def layer_of(variable) -> str:
+    """The layer a variable belongs to: ``block1_conv1/kernel`` -> ``block1_conv1``."""
+    path = getattr(variable, "path", None) or variable.name
+    return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+class GradientNorms(keras.callbacks.Callback):
+    """Logs the L2 norm of the loss gradient of every layer's weights, on one fixed
+    training batch, before training and every ``every_steps`` steps: metrics
+    ``grad_norm/<layer>`` (step = the global training step).
+
+    The gradient is taken in training mode (dropout on, BatchNorm on batch statistics);
+    the BatchNorm moving statistics that this forward pass updates are restored after it,
+    so measuring does not change training.
+
+    Args:
+        batch: tuple. ``(images, labels)`` as the compiled model's loss expects them.
+        every_steps: int. Steps between measurements.
+        chief: bool. Whether this process logs (only the chief of a multi-worker job).
+        prefix: str. The metric name prefix.
+    """
+
+    def __init__(self, batch, every_steps: int = 50, chief: bool = True, prefix: str = "grad_norm"):
+        super().__init__()
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1. Received: every_steps={every_steps!r}")
+        self.batch = batch
+        self.every_steps = int(every_steps)
+        self.chief = chief
+        self.prefix = prefix
+        self.records: list[tuple[int, dict[str, float]]] = []  # (step, {layer: norm})
+        self._step = 0
+        self._fn = None
+
+    def _compute(self) -> dict[str, float]:
+        model = self.model
+        if self._fn is None:
+            variables = list(model.trainable_variables)
+            layers = [layer_of(v) for v in variables]
+            order = list(dict.fromkeys(layers))
+
+            @tf.function
+            def norms(x, y):
+                with tf.GradientTape() as tape:
+                    y_pred = model(x, training=True)
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+                grads = tape.gradient(loss, variables)
+                squares = {name: tf.constant(0.0, tf.float32) for name in order}
+                for name, g in zip(layers, grads, strict=True):
+                    if g is not None:
+                        squares[name] += tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+                return {name: tf.sqrt(v) for name, v in squares.items()}
+
+            self._fn = norms
+        state = [v.numpy() for v in self.model.non_trainable_variables]
+        values = self._fn(*self.batch)
+        for v, s in zip(self.model.non_trainable_variables, state, strict=True):
+            v.assign(s)
+        return {k: float(v) for k, v in values.items()}
+
+    def _measure(self) -> None:
+        norms = self._compute()
+        self.records.append((self._step, norms))
+        run = _mlflow_run() if self.chief else None
+        if run is not None:
+            metrics = {f"{self.prefix}/{k}": v for k, v in norms.items() if math.isfinite(v)}
+            if metrics:
+                run.log_metrics(metrics, step=self._step)
+
+    def on_train_begin(self, logs=None):
+        self._measure()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.every_steps == 0:
+            self._measure()
+
+    def plot(self, path) -> None:
+        """Gradient norm per layer (x: depth), one line per measurement, log scale."""
+        if not self.records:
+            return
+        from pipelines.plots import _pyplot
+
+        plt = _pyplot()
+        names = list(self.records[0][1])
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 4.0))
+        picks = self.records if len(self.records) <= 6 else [
+            self.records[int(i)] for i in np.linspace(0, len(self.records) - 1, 6)
+        ]
+        for step, norms in picks:
+            ax.plot(range(len(names)), [max(norms.get(n, 0.0), 1e-12) for n in names], "o-", label=f"step {step}")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=7)
+        ax.set_ylabel("||dL/dW|| per layer")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+class EpochsToTarget(keras.callbacks.Callback):
+    """Logs ``epochs_to_target``: the first epoch whose ``monitor`` reaches ``target``
+    (and ``reached_target`` 1/0 when training ends).
+
+    Args:
+        target: float. The accuracy to reach.
+        monitor: str. The epoch log to watch (``val_accuracy``: eval accuracy).
+        chief: bool. Whether this process logs.
+    """
+
+    def __init__(self, target: float, monitor: str = "val_accuracy", chief: bool = True):
+        super().__init__()
+        self.target = float(target)
+        self.monitor = monitor
+        self.chief = chief
+        self.epoch: int | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if self.epoch is None and value is not None and float(value) >= self.target:
+            self.epoch = epoch + 1
+            run = _mlflow_run() if self.chief else None
+            if run is not None:
+                run.log_metrics({"epochs_to_target": float(self.epoch)}, step=self.epoch)
+
+    def on_train_end(self, logs=None):
+        run = _mlflow_run() if self.chief else None
+        if run is not None:
+            run.log_metrics({"reached_target": 1.0 if self.epoch is not None else 0.0})
