@@ -48,18 +48,23 @@ def square_resize(image: tf.Tensor, size: int) -> tf.Tensor:
 def _class_folders(root: Path, where: str) -> list[Path]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise DataError(f"{where} {root}: no class sub-folders (expected {root}/<class>/<image>.jpg)")
+        raise DataError(
+            f"{where} {root}: no class sub-folders (expected {root}/<class>/<image>.jpg)"
+        )
     return folders
 
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not p.name.startswith(".")
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
 
 
-def _scan(root: Path, class_names: list[str] | None, where: str) -> tuple[list[Path], list[int], list[str]]:
+def _scan(
+    root: Path, class_names: list[str] | None, where: str
+) -> tuple[list[Path], list[int], list[str]]:
     folders = _class_folders(root, where)
     names = [f.name for f in folders]
     if class_names is not None:
@@ -127,9 +132,13 @@ def load_image_folder(
     if not isinstance(load_size, int) or isinstance(load_size, bool) or load_size < 8:
         raise DataError(f"data.load_size must be an int >= 8. Received: load_size={load_size!r}")
     if not 0.0 < float(test_fraction) < 1.0:
-        raise DataError(f"data.test_fraction must be in (0, 1). Received: test_fraction={test_fraction!r}")
+        raise DataError(
+            f"data.test_fraction must be in (0, 1). Received: test_fraction={test_fraction!r}"
+        )
     channels = 1 if grayscale else 3
-    digest = hashlib.sha256(f"image_folder/{load_size}/{channels}/{split_seed}/{test_fraction}".encode())
+    digest = hashlib.sha256(
+        f"image_folder/{load_size}/{channels}/{split_seed}/{test_fraction}".encode()
+    )
     subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     train_dir = next((subdirs[d] for d in TRAIN_DIRS if d in subdirs), None)
     eval_dir = next((subdirs[d] for d in EVAL_DIRS if d in subdirs), None)
@@ -145,12 +154,19 @@ def load_image_folder(
         counts = np.bincount(labels, minlength=len(class_names))
         if counts.min() < 2:
             small = class_names[int(counts.argmin())]
-            raise DataError(f"data.path {root / small}: a class needs at least 2 images to be split")
+            raise DataError(
+                f"data.path {root / small}: a class needs at least 2 images to be split"
+            )
         images = _decode_all(files, load_size, channels, digest)
         y = np.asarray(labels, np.int64)
         test_size = max(len(class_names), int(round(len(y) * float(test_fraction))))
         train_idx, eval_idx = stratified_split(y, test_size, split_seed)
-        x_train, y_train, x_eval, y_eval = images[train_idx], y[train_idx], images[eval_idx], y[eval_idx]
+        x_train, y_train, x_eval, y_eval = (
+            images[train_idx],
+            y[train_idx],
+            images[eval_idx],
+            y[eval_idx],
+        )
         layout = f"stratified split, seed {split_seed}"
     if len(y_eval) == 0:
         raise DataError(f"data.path {eval_dir}: the eval split has no images")
@@ -190,12 +206,16 @@ def load_tfds_images(
     import tensorflow_datasets as tfds
 
     if not tfds_name:
-        raise DataError("data.tfds_name: name the prepared TFDS dataset, e.g. data.tfds_name: mnist")
+        raise DataError(
+            "data.tfds_name: name the prepared TFDS dataset, e.g. data.tfds_name: mnist"
+        )
     data_dir = data_dir or default_tfds_dir()
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir)
     except Exception as exc:  # DatasetNotFoundError and friends
-        raise DataError(f"data.tfds_name: {tfds_name!r} is not a TFDS dataset found under {data_dir} ({exc})") from None
+        raise DataError(
+            f"data.tfds_name: {tfds_name!r} is not a TFDS dataset found under {data_dir} ({exc})"
+        ) from None
     if not builder.is_prepared():
         raise DataError(
             f"data.tfds_name: TFDS {tfds_name!r} is not prepared under {data_dir} (no network here to "
@@ -206,17 +226,27 @@ def load_tfds_images(
     features = info.features
     for key, what in ((image_key, "image_key"), (label_key, "label_key")):
         if key not in features:
-            raise DataError(f"data.{what}: {tfds_name!r} has no feature {key!r}. Features: {', '.join(features)}")
+            raise DataError(
+                f"data.{what}: {tfds_name!r} has no feature {key!r}. Features: {', '.join(features)}"
+            )
     label_feature = features[label_key]
     if not isinstance(label_feature, tfds.features.ClassLabel):
-        raise DataError(f"data.label_key: {tfds_name}.{label_key} is not a ClassLabel ({type(label_feature).__name__})")
+        raise DataError(
+            f"data.label_key: {tfds_name}.{label_key} is not a ClassLabel ({type(label_feature).__name__})"
+        )
     shape = tuple(features[image_key].shape)
     if len(shape) != 3:
-        raise DataError(f"data.image_key: {tfds_name}.{image_key} has shape {shape}, expected (H, W, C)")
+        raise DataError(
+            f"data.image_key: {tfds_name}.{image_key} has shape {shape}, expected (H, W, C)"
+        )
     if load_size is None and (shape[0] is None or shape[1] is None):
-        raise DataError(f"data.load_size: {tfds_name} images vary in size {shape}; set data.load_size (e.g. 256)")
+        raise DataError(
+            f"data.load_size: {tfds_name} images vary in size {shape}; set data.load_size (e.g. 256)"
+        )
     if shape[2] is None:
-        raise DataError(f"data.image_key: {tfds_name}.{image_key} has no fixed channel count {shape}")
+        raise DataError(
+            f"data.image_key: {tfds_name}.{image_key} has no fixed channel count {shape}"
+        )
     splits = {}
     for split, what in ((train_split, "train_split"), (eval_split, "eval_split")):
         try:

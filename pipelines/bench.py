@@ -101,7 +101,9 @@ def _builders(name: str, image_size: int, num_classes: int):
         return models.create_model(name, input_shape=shape, num_classes=num_classes, **kwargs)
 
     def theirs():
-        return getattr(keras.applications, app)(weights=None, input_shape=shape, classes=num_classes)
+        return getattr(keras.applications, app)(
+            weights=None, input_shape=shape, classes=num_classes
+        )
 
     return ours, theirs
 
@@ -164,8 +166,12 @@ def bench(
     unknown = [n for n in names if n not in PAIRS]
     if unknown:
         raise ValueError(f"--model {unknown[0]!r}: not benchmarked. Accepted: {', '.join(PAIRS)}")
-    for what, value, low in (("--image-size", image_size, 32), ("--batch-size", batch_size, 1), ("--steps", steps, 1),
-                             ("--rounds", rounds, 1)):
+    for what, value, low in (
+        ("--image-size", image_size, 32),
+        ("--batch-size", batch_size, 1),
+        ("--steps", steps, 1),
+        ("--rounds", rounds, 1),
+    ):
         if value < low:
             raise ValueError(f"{what} must be >= {low}. Received: {value}")
     device = tf.config.list_logical_devices("GPU")
@@ -208,34 +214,65 @@ def bench(
     ratios = {}
     for name in names:
         ours = next(r for r in results if r.model == name and r.implementation == "deeptrends")
-        theirs = next(r for r in results if r.model == name and r.implementation == "keras.applications")
+        theirs = next(
+            r for r in results if r.model == name and r.implementation == "keras.applications"
+        )
         ratios[name] = {
             "train": ours.train_images_per_s / theirs.train_images_per_s,
             "infer": ours.infer_images_per_s / theirs.infer_images_per_s,
         }
-    header = ("model", "implementation", "params", "GFLOP/img", "train img/s", "infer img/s", "train MFU", "infer MFU")
+    header = (
+        "model",
+        "implementation",
+        "params",
+        "GFLOP/img",
+        "train img/s",
+        "infer img/s",
+        "train MFU",
+        "infer MFU",
+    )
     rows = [
-        (r.model, r.implementation, f"{r.params:,}", f"{r.forward_gflops:.2f}", f"{r.train_images_per_s:.2f}",
-         f"{r.infer_images_per_s:.2f}", f"{r.train_mfu:.1%}", f"{r.infer_mfu:.1%}")
+        (
+            r.model,
+            r.implementation,
+            f"{r.params:,}",
+            f"{r.forward_gflops:.2f}",
+            f"{r.train_images_per_s:.2f}",
+            f"{r.infer_images_per_s:.2f}",
+            f"{r.train_mfu:.1%}",
+            f"{r.infer_mfu:.1%}",
+        )
         for r in results
     ]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    peak_after = matmul_peak(seconds=peak_seconds)  # a busy machine at the start would understate it
+    peak_after = matmul_peak(
+        seconds=peak_seconds
+    )  # a busy machine at the start would understate it
     if peak_after > peak:
         for r in results:
             r.train_mfu *= peak / peak_after
             r.infer_mfu *= peak / peak_after
         peak = peak_after
         rows = [
-            (r.model, r.implementation, f"{r.params:,}", f"{r.forward_gflops:.2f}", f"{r.train_images_per_s:.2f}",
-             f"{r.infer_images_per_s:.2f}", f"{r.train_mfu:.1%}", f"{r.infer_mfu:.1%}")
+            (
+                r.model,
+                r.implementation,
+                f"{r.params:,}",
+                f"{r.forward_gflops:.2f}",
+                f"{r.train_images_per_s:.2f}",
+                f"{r.infer_images_per_s:.2f}",
+                f"{r.train_mfu:.1%}",
+                f"{r.infer_mfu:.1%}",
+            )
             for r in results
         ]
     printer(f"fp32 matmul peak, the better of before and after: {peak / 1e9:.1f} GFLOP/s")
     for row in [header, *rows]:
         printer("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     for name, ratio in ratios.items():
-        printer(f"{name}: ours / keras.applications = {ratio['train']:.2f} (train), {ratio['infer']:.2f} (inference)")
+        printer(
+            f"{name}: ours / keras.applications = {ratio['train']:.2f} (train), {ratio['infer']:.2f} (inference)"
+        )
     report = {
         "device": device_name,
         "matmul_peak_gflops": peak / 1e9,

@@ -109,11 +109,18 @@ class GradientNorms(keras.callbacks.Callback):
         plt = _pyplot()
         names = list(self.records[0][1])
         fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names)), 4.0))
-        picks = self.records if len(self.records) <= 6 else [
-            self.records[int(i)] for i in np.linspace(0, len(self.records) - 1, 6)
-        ]
+        picks = (
+            self.records
+            if len(self.records) <= 6
+            else [self.records[int(i)] for i in np.linspace(0, len(self.records) - 1, 6)]
+        )
         for step, norms in picks:
-            ax.plot(range(len(names)), [max(norms.get(n, 0.0), 1e-12) for n in names], "o-", label=f"step {step}")
+            ax.plot(
+                range(len(names)),
+                [max(norms.get(n, 0.0), 1e-12) for n in names],
+                "o-",
+                label=f"step {step}",
+            )
         ax.set_yscale("log")
         ax.set_xticks(range(len(names)), names, rotation=75, ha="right", fontsize=7)
         ax.set_ylabel("||dL/dW|| per layer")

@@ -9,7 +9,8 @@ whatever the config leaves unset. The resolved values feed the training pipeline
 
 ``task_options`` (all optional): ``gradient_norm_every`` (log per-layer gradient norms
 every N steps), ``target_accuracy`` (log ``epochs_to_target``), ``evaluate_train`` (also
-evaluate the un-augmented training split: ``train_accuracy``, ``train_eval_gap``).
+evaluate the un-augmented training split: ``train_accuracy``, ``train_eval_gap``),
+``max_train_minutes`` (stop training after this wall time).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ClassificationOptions(BaseModel):
         None, gt=0.0, le=1.0, description="log epochs_to_target: the first epoch whose val_accuracy reaches it"
     )
     evaluate_train: bool = Field(False, description="also evaluate the un-augmented training split")
+    max_train_minutes: float | None = Field(None, gt=0.0, description="stop training after this wall time")
 
 
 def family_preprocessing(model_name: str) -> dict[str, Any]:
@@ -182,6 +184,10 @@ class ClassificationTask(Task):
             out.append(self._grad_norms)
         if self.options.target_accuracy:
             out.append(callbacks.EpochsToTarget(self.options.target_accuracy, chief=is_chief()))
+        if self.options.max_train_minutes:
+            from pipelines.tasks.generation import TimeLimit
+
+            out.append(TimeLimit(self.options.max_train_minutes * 60.0))
         return out
 
     # -- evaluation -------------------------------------------------------------

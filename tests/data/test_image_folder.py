@@ -38,14 +38,21 @@ def folder(tmp_path):
         for i in range(5):
             size = (20 + 7 * i, 30 + 3 * c)  # any size, not square
             fmt = "jpg" if i % 2 else "png"
-            _write(tmp_path / "imgs" / name / f"{i}.{fmt}", size, colour, "jpeg" if fmt == "jpg" else "png")
+            _write(
+                tmp_path / "imgs" / name / f"{i}.{fmt}",
+                size,
+                colour,
+                "jpeg" if fmt == "jpg" else "png",
+            )
     (tmp_path / "imgs" / "red" / "notes.txt").write_text("not an image, ignored")
     return tmp_path / "imgs"
 
 
 def _spec(path, **kw):
     opts = {"path": str(path), "load_size": 16, **kw.pop("options", {})}
-    return ImageInputSpec(name="image_folder", batch_size=4, seed=1, image_size=12, options=opts, **kw)
+    return ImageInputSpec(
+        name="image_folder", batch_size=4, seed=1, image_size=12, options=opts, **kw
+    )
 
 
 def test_image_folder_stratified_split(folder):
@@ -96,14 +103,22 @@ def test_tfds_name_reads_a_prepared_dataset(tfds_dir):
     from data.sources import DeeptrendsDigits
 
     DeeptrendsDigits(data_dir=tfds_dir).download_and_prepare()  # a tiny locally built TFDS dataset
-    spec = ImageInputSpec(name="tfds", batch_size=50, data_dir=tfds_dir, image_size=32, channels=3,
-                          options={"tfds_name": "deeptrends_digits"})
+    spec = ImageInputSpec(
+        name="tfds",
+        batch_size=50,
+        data_dir=tfds_dir,
+        image_size=32,
+        channels=3,
+        options={"tfds_name": "deeptrends_digits"},
+    )
     _, evals, info = build_image_datasets(spec)
     assert (info.num_train, info.num_eval, info.num_classes) == (1437, 360, 10)
     assert info.raw_shape == (8, 8, 1) and info.image_shape == (32, 32, 3)
     assert next(iter(evals))[0].shape == (50, 32, 32, 3)
-    sliced = dataclasses.replace(spec, options={"tfds_name": "deeptrends_digits", "train_split": "train[:100]",
-                                                "load_size": 16})
+    sliced = dataclasses.replace(
+        spec,
+        options={"tfds_name": "deeptrends_digits", "train_split": "train[:100]", "load_size": 16},
+    )
     _, _, info = build_image_datasets(sliced)
     assert info.num_train == 100 and info.raw_shape == (16, 16, 1)
 
@@ -132,17 +147,28 @@ def test_random_crop_is_a_crop_and_deterministic():
 
 
 def test_centre_crop_for_eval_random_crop_for_training(tfds_dir):
-    spec = ImageInputSpec(name="digits", batch_size=16, seed=5, data_dir=tfds_dir, image_size=24,
-                          channels=1, crop_fraction=0.75)
+    spec = ImageInputSpec(
+        name="digits",
+        batch_size=16,
+        seed=5,
+        data_dir=tfds_dir,
+        image_size=24,
+        channels=1,
+        crop_fraction=0.75,
+    )
     train, evals, info = build_image_datasets(spec)
     assert info.image_shape == (24, 24, 1)
     assert next(iter(train))[0].shape == (16, 24, 24, 1)
     x = next(iter(evals))[0].numpy()
     raw = tf.constant(np.zeros((1, 8, 8, 1), np.uint8) + 255)
     assert preprocess_images(raw, 24, 1, 0.75).shape == (1, 24, 24, 1)  # resize to 32, centre 24
-    big = preprocess_images(tf.reshape(tf.range(64 * 64, dtype=tf.float32) % 256, (1, 64, 64, 1)), 32, 1, 0.5)
+    big = preprocess_images(
+        tf.reshape(tf.range(64 * 64, dtype=tf.float32) % 256, (1, 64, 64, 1)), 32, 1, 0.5
+    )
     assert big.shape == (1, 32, 32, 1)
-    np.testing.assert_allclose(big.numpy()[0, ..., 0], (np.arange(64 * 64).reshape(64, 64) % 256)[16:48, 16:48] / 255)
+    np.testing.assert_allclose(
+        big.numpy()[0, ..., 0], (np.arange(64 * 64).reshape(64, 64) % 256)[16:48, 16:48] / 255
+    )
     assert x.shape == (16, 24, 24, 1)
     again = _first(build_image_datasets(spec)[0])
     np.testing.assert_array_equal(next(iter(train))[0].numpy(), again)
@@ -159,10 +185,14 @@ def test_pca_colour_jitter_moves_colours_along_the_components():
     eigval, eigvec = pixel_pca(images)
     assert eigval[0] > 100 * max(eigval[1], 1e-12)
     principal = np.asarray(eigvec)[:, 0]
-    np.testing.assert_allclose(np.abs(principal), np.array([1, 0.5, 0.25]) / np.linalg.norm([1, 0.5, 0.25]), atol=1e-6)
+    np.testing.assert_allclose(
+        np.abs(principal), np.array([1, 0.5, 0.25]) / np.linalg.norm([1, 0.5, 0.25]), atol=1e-6
+    )
     key = tf.constant([3, 4], tf.int64)
     out = pca_colour_jitter(tf.constant(images), key, 0.1, (eigval, eigvec)).numpy()
-    np.testing.assert_array_equal(out, pca_colour_jitter(tf.constant(images), key, 0.1, (eigval, eigvec)).numpy())
+    np.testing.assert_array_equal(
+        out, pca_colour_jitter(tf.constant(images), key, 0.1, (eigval, eigvec)).numpy()
+    )
     unclipped = ((out > 0) & (out < 1)).reshape(64, -1).all(axis=1)
     assert unclipped.sum() > 32
     shift = (out - images).reshape(64, -1, 3)[unclipped, 0]  # one shift per image
@@ -177,8 +207,15 @@ def test_pca_colour_jitter_moves_colours_along_the_components():
 
 
 def test_pca_jitter_in_the_training_pipeline(tfds_dir):
-    spec = ImageInputSpec(name="digits", batch_size=8, seed=2, data_dir=tfds_dir, image_size=16, channels=3,
-                          augment=Augment(pca_jitter=0.1))
+    spec = ImageInputSpec(
+        name="digits",
+        batch_size=8,
+        seed=2,
+        data_dir=tfds_dir,
+        image_size=16,
+        channels=3,
+        augment=Augment(pca_jitter=0.1),
+    )
     train, _, info = build_image_datasets(spec)
     assert info.pca is not None and len(info.pca[0]) == 3
     a = _first(train)

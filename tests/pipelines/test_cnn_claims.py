@@ -14,8 +14,22 @@ CLAIMS = {
     "claim-batchnorm": ["batchnorm", "no-batchnorm"],
     "claim-residual": ["plain18", "plain34", "resnet18", "resnet34"],
 }
-CLASSIFIERS = ["alexnet", "zfnet", "vgg11", "vgg13", "vgg16", "vgg19", "googlenet", "resnet18", "resnet34",
-               "resnet50", "resnet101", "resnet152", "plain18", "plain34"]
+CLASSIFIERS = [
+    "alexnet",
+    "zfnet",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "googlenet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "plain18",
+    "plain34",
+]
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))
@@ -41,7 +55,9 @@ def test_mnist_config_per_architecture(model):
 
     config = load_config(f"{model}-mnist")
     check_config(config)
-    assert config.model.name == model and config.data.name == "mnist" and config.data.image_size == 32
+    assert (
+        config.model.name == model and config.data.name == "mnist" and config.data.image_size == 32
+    )
 
 
 def test_family_preprocessing_and_overrides():
@@ -49,11 +65,23 @@ def test_family_preprocessing_and_overrides():
     from pipelines.tasks.classification import resolve_preprocessing
 
     raw = {"name": "x", "model": {"name": "resnet18"}, "data": {"name": "digits"}}
-    assert resolve_preprocessing(validate_config(raw)) == {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+    assert resolve_preprocessing(validate_config(raw)) == {
+        "crop_fraction": 0.875,
+        "flip": True,
+        "pca_jitter": 0.1,
+    }
     raw["data"] = {"name": "digits", "crop_fraction": 1.0, "augment": {"flip": False}}
-    assert resolve_preprocessing(validate_config(raw)) == {"crop_fraction": 1.0, "flip": False, "pca_jitter": 0.1}
+    assert resolve_preprocessing(validate_config(raw)) == {
+        "crop_fraction": 1.0,
+        "flip": False,
+        "pca_jitter": 0.1,
+    }
     raw["data"] = {"name": "digits", "preprocessing": "none"}
-    assert resolve_preprocessing(validate_config(raw)) == {"crop_fraction": 1.0, "flip": False, "pca_jitter": 0.0}
+    assert resolve_preprocessing(validate_config(raw)) == {
+        "crop_fraction": 1.0,
+        "flip": False,
+        "pca_jitter": 0.0,
+    }
     lenet = validate_config({"name": "x", "model": {"name": "lenet5"}})
     assert resolve_preprocessing(lenet) == {"crop_fraction": 1.0, "flip": False, "pca_jitter": 0.0}
     with pytest.raises(ConfigError, match="data.crop_fraction"):
@@ -64,7 +92,9 @@ def test_classification_task_options_are_checked():
     pytest.importorskip("tensorflow")
     from pipelines.tasks.base import get_task
 
-    config = validate_config({"name": "x", "model": {"name": "lenet5"}, "task_options": {"gradient_norms": 5}})
+    config = validate_config(
+        {"name": "x", "model": {"name": "lenet5"}, "task_options": {"gradient_norms": 5}}
+    )
     with pytest.raises(ConfigError, match="task_options.gradient_norms"):
         get_task("classification")(config)
 
@@ -96,9 +126,9 @@ def _small_net(keras, batch_norm=True):
 
 def test_gradient_norm_callback_logs_every_layer(tracking):
     import keras
-    import mlflow
     import numpy as np
 
+    import mlflow
     from pipelines.callbacks import GradientNorms
 
     rng = np.random.default_rng(0)
@@ -109,13 +139,16 @@ def test_gradient_norm_callback_logs_every_layer(tracking):
         callback.set_model(model)
         bn_before = [v.numpy().copy() for v in model.non_trainable_variables]
         assert callback._compute() and all(
-            np.array_equal(a, b.numpy()) for a, b in zip(bn_before, model.non_trainable_variables)
+            np.array_equal(a, b.numpy()) for a, b in zip(bn_before, model.non_trainable_variables, strict=True)
         )  # measuring leaves the BatchNorm moving statistics alone
         model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)  # 4 steps
     client = mlflow.MlflowClient()
     metrics = client.get_run(run.info.run_id).data.metrics
     assert {k for k in metrics if k.startswith("grad_norm/")} == {
-        "grad_norm/conv_a", "grad_norm/bn", "grad_norm/conv_b", "grad_norm/predictions"
+        "grad_norm/conv_a",
+        "grad_norm/bn",
+        "grad_norm/conv_b",
+        "grad_norm/predictions",
     }
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/conv_a")]
     assert steps == [0, 2, 4]
@@ -125,7 +158,6 @@ def test_gradient_norm_callback_logs_every_layer(tracking):
 
 def test_epochs_to_target_and_chief_only(tracking):
     import mlflow
-
     from pipelines.callbacks import EpochsToTarget
 
     with mlflow.start_run() as run:
@@ -142,7 +174,6 @@ def test_epochs_to_target_and_chief_only(tracking):
 
 def test_compare_overlays_curves_and_logs_the_plot(tracking, tmp_path):
     import mlflow
-
     from pipelines.compare import COMPARE_TAG, compare
 
     mlflow.set_experiment("claim-x")
@@ -150,10 +181,17 @@ def test_compare_overlays_curves_and_logs_the_plot(tracking, tmp_path):
         with mlflow.start_run(run_name=name):
             mlflow.log_param("model.activation", name)
             for step in range(1, 4):
-                mlflow.log_metrics({"loss": scale / step, "grad_norm/block1_conv1": scale * 1e-3}, step=step)
+                mlflow.log_metrics(
+                    {"loss": scale / step, "grad_norm/block1_conv1": scale * 1e-3}, step=step
+                )
             mlflow.log_metrics({"eval_accuracy": 0.5 * scale, "epochs_to_target": 3 - scale})
-    out = compare("claim-x", tmp_path / "cmp", tracking, ["model.activation"],
-                  metrics=["loss", "grad_norm/block1_conv1"])
+    out = compare(
+        "claim-x",
+        tmp_path / "cmp",
+        tracking,
+        ["model.activation"],
+        metrics=["loss", "grad_norm/block1_conv1"],
+    )
     assert (out / "compare.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
     text = (out / "runs.csv").read_text()
     assert "epochs_to_target" in text and "grad_norm/block1_conv1" in text
@@ -161,8 +199,14 @@ def test_compare_overlays_curves_and_logs_the_plot(tracking, tmp_path):
     exp = client.get_experiment_by_name("claim-x")
     logged = client.search_runs([exp.experiment_id], f"tags.`{COMPARE_TAG}` = 'true'")
     assert len(logged) == 1
-    assert {a.path for a in client.list_artifacts(logged[0].info.run_id)} == {"runs.csv", "compare.png", "curves.png"}
-    compare("claim-x", tmp_path / "cmp2", tracking, metrics=["loss"], log_artifact=False)  # the compare run is left out
+    assert {a.path for a in client.list_artifacts(logged[0].info.run_id)} == {
+        "runs.csv",
+        "compare.png",
+        "curves.png",
+    }
+    compare(
+        "claim-x", tmp_path / "cmp2", tracking, metrics=["loss"], log_artifact=False
+    )  # the compare run is left out
     assert (tmp_path / "cmp2" / "runs.csv").read_text().count("\n") == 3
     with pytest.raises(ConfigError, match="--metric 'nope'"):
         compare("claim-x", tmp_path / "cmp3", tracking, metrics=["nope"], log_artifact=False)
@@ -175,8 +219,16 @@ def test_bench_runs_with_a_tiny_budget(tmp_path, capsys):
 
     from pipelines.bench import bench
 
-    report = bench(["vgg16"], image_size=32, batch_size=2, steps=1, rounds=1, num_classes=10,
-                   peak_seconds=0.2, output_json=str(tmp_path / "bench.json"))
+    report = bench(
+        ["vgg16"],
+        image_size=32,
+        batch_size=2,
+        steps=1,
+        rounds=1,
+        num_classes=10,
+        peak_seconds=0.2,
+        output_json=str(tmp_path / "bench.json"),
+    )
     assert json.loads((tmp_path / "bench.json").read_text())["ratios"]["vgg16"]["train"] > 0
     ours, theirs = report["results"]
     assert ours["params"] == theirs["params"]  # the same network
@@ -191,15 +243,24 @@ def test_bench_runs_with_a_tiny_budget(tmp_path, capsys):
 def test_claim_run_logs_gradient_norms_and_gap(tmp_path, tfds_dir, tracking, monkeypatch):
     """One tiny claim-activations variant through the driver, on an image folder of digits."""
     import mlflow
-
     from pipelines.train import run_experiment
 
     monkeypatch.chdir(tmp_path)
-    (config,) = load_runs("claim-activations", [
-        "train.epochs=2", "train.steps_per_epoch=3", "train.verbose=0", "task_options.gradient_norm_every=2",
-        "task_options.evaluate_train=true", "task_options.target_accuracy=0.01", "tracking.log_model=false",
-        f"data.dir={tfds_dir}", "model.width_multiplier=0.125",
-    ], only=["sigmoid"])
+    (config,) = load_runs(
+        "claim-activations",
+        [
+            "train.epochs=2",
+            "train.steps_per_epoch=3",
+            "train.verbose=0",
+            "task_options.gradient_norm_every=2",
+            "task_options.evaluate_train=true",
+            "task_options.target_accuracy=0.01",
+            "tracking.log_model=false",
+            f"data.dir={tfds_dir}",
+            "model.width_multiplier=0.125",
+        ],
+        only=["sigmoid"],
+    )
     summary = run_experiment(config)
     assert 0.0 <= summary.metrics["train_accuracy"] <= 1.0
     assert summary.metrics["train_eval_gap"] == pytest.approx(
@@ -209,7 +270,14 @@ def test_claim_run_logs_gradient_norms_and_gap(tmp_path, tfds_dir, tracking, mon
     grads = {k for k in run.data.metrics if k.startswith("grad_norm/")}
     assert len(grads) == 16 and "grad_norm/block1_conv1" in grads  # 13 conv + 3 dense layers
     assert run.data.metrics["epochs_to_target"] == 1.0
-    assert (tmp_path / "runs" / "claim-activations" / summary.run_id / "artifacts" / "gradient_norms.png").exists()
+    assert (
+        tmp_path
+        / "runs"
+        / "claim-activations"
+        / summary.run_id
+        / "artifacts"
+        / "gradient_norms.png"
+    ).exists()
 
 
 def test_shipped_configs_dir_has_the_issue_names():
