@@ -178,7 +178,7 @@ class ClassificationTask(Task):
         from pipelines.runtime import is_chief
 
         out = []
-        if self.options.gradient_norm_every:
+        if self.options.gradient_norm_every and is_chief():  # a measurement, logged by the chief only
             batch = next(iter(self.prepare_dataset(inputs.train).take(1)))
             self._grad_norms = callbacks.GradientNorms(batch, self.options.gradient_norm_every, chief=is_chief())
             out.append(self._grad_norms)

@@ -283,3 +283,24 @@ def test_claim_run_logs_gradient_norms_and_gap(tmp_path, tfds_dir, tracking, mon
 def test_shipped_configs_dir_has_the_issue_names():
     names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
     assert {"resnet18-mnist", "vgg11-mnist", *CLAIMS} <= names
+
+
+def test_image_bytes_signature_applies_the_family_centre_crop():
+    tf = pytest.importorskip("tensorflow")
+    import numpy as np
+
+    import models
+    from data.images import preprocess_images
+    from pipelines.tasks.base import get_task
+
+    config = validate_config({"name": "x", "model": {"name": "lenet5"}, "data": {"crop_fraction": 0.75}})
+    task = get_task("classification")(config)
+    model = models.create_model("lenet5", input_shape=(32, 32, 1), num_classes=10)
+    info = {"image_shape": [32, 32, 1], "raw_shape": [48, 48, 1], "num_classes": 10,
+            "preprocessing": task.preprocessing}
+    endpoints = {e.name: e for e in task.endpoints(model, info)}
+    image = np.random.default_rng(0).integers(0, 256, size=(48, 48, 1), dtype=np.uint8)
+    png = tf.io.encode_png(image).numpy()
+    served = endpoints["image_bytes"].fn(tf.constant([png]))["probabilities"].numpy()
+    expected = model(preprocess_images(image[None], 32, 1, 0.75), training=False).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-6)
