@@ -114,6 +114,12 @@ class RBMTrainer(GenerativeTrainer):
         super().compile(**kwargs)
         self.layer_optimizers = list(optimizers)
 
+    def build_optimizers(self) -> None:
+        """Create every layer optimizer's slots up front (in the strategy's scope)."""
+        for rbm, optimizer in zip(self.rbms, self.layer_optimizers, strict=True):
+            if not optimizer.built:
+                optimizer.build([rbm.kernel, rbm.visible_bias, rbm.hidden_bias])
+
     def set_layer(self, index: int) -> None:
         """Train RBM ``index`` from now on (retraces the train and test functions)."""
         if index != self.current_layer:
@@ -332,6 +338,12 @@ class GANTrainer(GenerativeTrainer):
         super().compile(**kwargs)
         self.d_optimizer = d_optimizer
         self.g_optimizer = g_optimizer
+
+    def build_optimizers(self) -> None:
+        """Create both players' optimizer slots up front (in the strategy's scope)."""
+        for optimizer, player in ((self.d_optimizer, self.discriminator), (self.g_optimizer, self.generator)):
+            if not optimizer.built:
+                optimizer.build(player.trainable_variables)
 
     def _bce(self, target, logits):
         return tf.reduce_mean(

@@ -79,7 +79,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     def attach(self, model) -> None:
         self.set_model(model)
         if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+            model.optimizer.build(model.trainable_variables)  # so its slots are checkpointed
         objects = {"model": model, "epoch": self._epoch, "step": self._step}
         if model.optimizer is not None:
             objects["optimizer"] = model.optimizer
@@ -138,6 +138,23 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def build_state(model, strategy: tf.distribute.Strategy, sample_batch=None) -> None:
+    """Create every variable before the first step, in the strategy's scope, as ``fit``'s
+    symbolic build does: compiled loss/metric trackers and optimizer slots created lazily
+    inside a replica's step would not be mirrored. Training wrappers with optimizers of
+    their own (GAN players, RBM layers) build them in a ``build_optimizers()`` hook."""
+    with strategy.scope():
+        if getattr(model, "_compile_loss", None) is not None and sample_batch is not None:
+            replicas = strategy.num_replicas_in_sync  # a replica sees its share of the global batch
+            per_replica = tf.nest.map_structure(lambda t: t[: max(1, t.shape[0] // replicas)], sample_batch)
+            model._symbolic_build(data_batch=per_replica)  # what fit() does first
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        if hasattr(model, "build_optimizers"):
+            model.build_optimizers()
+
+
 def _step_function(model, strategy, step_fn, jit_compile: bool):
     inner = tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
 
@@ -169,6 +186,7 @@ def fit(
     ``steps_per_epoch`` batches make an epoch. Returns the History dict of this call.
     """
     start = start or Position()
+    build_state(model, strategy, next(iter(train_data.take(1))))
     all_callbacks = list(callbacks or []) + ([checkpoint] if checkpoint else [])
     cbs = keras.callbacks.CallbackList(
         all_callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,

@@ -246,6 +246,11 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
             )
         train_seconds = time.time() - started
         metrics: dict[str, float] = {}
+        if chief and multi_worker:
+            # The other workers leave now: evaluation, export and logging on the chief must
+            # not issue collectives (model.predict/evaluate would), so they use a copy of
+            # the trained weights outside the multi-worker strategy.
+            model = _unreplicated_copy(task, model, inputs)
         if chief:
             metrics = _evaluate_and_log(task, model, inputs, history, effective, artifacts, track, train_seconds)
 
@@ -324,6 +329,13 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
         gate=decision.tags() if decision else {},
         seconds=round(time.time() - started, 2),
     )
+
+
+def _unreplicated_copy(task, model, inputs):
+    plain = task.build_model(inputs.info)
+    task.compile_model(plain, inputs)
+    plain.set_weights(model.get_weights())
+    return plain
 
 
 def _evaluate_and_log(task, model, inputs, history, config, artifacts: Path, track: bool, train_seconds: float):

@@ -156,7 +156,8 @@ class SequenceTask(Task):
             kwargs["vocab_size"] = int(info["vocab_size"])
             stateful = info.get("stateful", False) if stateful is None else stateful
             if stateful:
-                kwargs.update(stateful=True, batch_size=int(info["batch_size"]))
+                # the data holds batch_size parallel streams; each replica carries its share
+                kwargs.update(stateful=True, batch_size=int(info["batch_size"]) // max(1, self.num_replicas))
             if not name.endswith("_lm"):
                 kwargs["head"] = "language_model"
         else:

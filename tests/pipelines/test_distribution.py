@@ -183,3 +183,41 @@ def test_unavailable_strategies_fail_clearly(ws):
     out = _cli("train", "lenet5-digits", *_sets("runtime.strategy=multi_worker", "train.epochs=1"),
                cwd=ws["cwd"], env={**ws["env"], "TF_CONFIG": ""})
     assert out.returncode != 0 and "deeptrends launch" in out.stderr
+
+
+def _family_cases():
+    from tests.pipelines.mirrored_families import CASES
+
+    return [pytest.param(i, id=f"{c}-{v or 'default'}") for i, (c, v, _) in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("index", _family_cases())
+def test_every_model_family_trains_two_steps_under_mirrored(ws, index):
+    from tests.conftest import shared_data_dir
+
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("DEEPTRENDS_DATA_DIR (mnist_test, deu_eng) not found")
+    script = Path(__file__).with_name("mirrored_families.py")
+    out = subprocess.run([sys.executable, str(script), str(index)], cwd=ws["cwd"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, **ws["env"], "DEEPTRENDS_DATA_DIR": str(root),
+                                           "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert out.returncode == 0, (results, out.stderr[-3000:])
+    [result] = results
+    assert result["finite"] and result["replicas"] == 2, result
+
+
+def test_custom_train_step_model_under_two_workers(ws):
+    out = _cli("launch", "--workers", "2", "vae-digits",
+               *_sets("train.epochs=3", "train.verbose=0", "task_options.fid_samples=100", "export.warmup_requests=1"),
+               "--output-json", "vae.json", cwd=ws["cwd"], env=ws["env"], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(ws["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("vae-digits").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    losses = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert runs[0].data.params["derived.workers"] == "2"
