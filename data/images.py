@@ -291,7 +291,8 @@ def build_image_datasets(spec: ImageInputSpec) -> tuple[tf.data.Dataset, tf.data
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         # Shuffle and augmentation are keyed by (seed, epoch, batch): the same stream
         # whether the run starts fresh, resumes at an epoch, or is rebuilt.
-        ds = train_raw.shuffle(buffer, seed=spec.seed * 1_000_003 + epoch + 1,  # never 0: TF treats seed 0 with global seed 0 as "unseeded" reshuffle_each_iteration=False)
+        # (+1: the seed is never 0, which TF reads as "unseeded" when the global seed is 0)
+        ds = train_raw.shuffle(buffer, seed=spec.seed * 1_000_003 + epoch + 1, reshuffle_each_iteration=False)
         ds = ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder)
         ds = ds.map(
             train_prep_sized if cropping else prep, num_parallel_calls=tf.data.AUTOTUNE,
