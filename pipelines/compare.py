@@ -108,7 +108,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> Path:
         if m.startswith("grad_norm") and all(p[1] > 0 for pts in runs.values() for p in pts):
             ax.set_yscale("log")
         ax.set_title(m)
-        ax.set_xlabel("step")
+        ax.set_xlabel("logged step (the epoch, for per-epoch metrics)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(curves) :]:
