@@ -158,7 +158,7 @@ def build_state(model, strategy: tf.distribute.Strategy, sample_batch=None) -> N
 def _step_function(model, strategy, step_fn, jit_compile: bool):
     inner = tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
 
-    @tf.function
+    @tf.function(reduce_retracing=True)  # variable-length batches (text) would retrace every shape
     def run(batch):
         return _reduce(strategy, strategy.run(inner, args=(batch,)))
 
