@@ -112,3 +112,24 @@ def test_mnist_local_split(mnist_dir, tfds_dir):
     labels = np.concatenate([y.numpy() for _, y in evals])
     official = np.array([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
     assert np.abs(np.bincount(labels, minlength=10) - official * 0.2).max() <= 1  # stratified
+
+
+def test_two_workers_see_disjoint_shards_whose_union_is_the_split(spec):
+    """The catalog's DATA policy applied by tf.distribute's own auto-shard rewrite (what
+    MultiWorkerMirroredStrategy does per worker): disjoint, and together the whole epoch."""
+    from tensorflow.python.distribute import input_ops
+
+    train, evals, info = build_image_datasets(dataclasses.replace(spec, augment=Augment()))
+    assert info.shard_policy == "DATA"
+    epoch = train.take(info.steps_per_epoch)
+
+    def keys(ds):
+        return [hash(img.tobytes()) for x, _ in ds for img in x.numpy()]
+
+    everything = keys(epoch)
+    shards = [keys(input_ops.auto_shard_dataset(epoch, 2, i)) for i in range(2)]
+    assert len(everything) == info.num_train
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(everything)
+    eval_shards = [keys(input_ops.auto_shard_dataset(evals, 2, i)) for i in range(2)]
+    assert sorted(eval_shards[0] + eval_shards[1]) == sorted(keys(evals))
