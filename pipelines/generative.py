@@ -68,7 +68,8 @@ class GenerativeTrainer(keras.Model):
         return {k: t.result() for k, t in self.trackers.items()}
 
     def losses_of(self, x, training: bool) -> dict:
-        raise NotImplementedError
+        """The tracked losses of a batch; each trainer defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define losses_of(x, training)")
 
     def test_step(self, data):
         return self._update(self.losses_of(_images(data), training=False))

@@ -10,6 +10,7 @@ implements it; the driver does not care.
 
 from __future__ import annotations
 
+import abc
 import difflib
 import importlib
 import pkgutil
@@ -73,7 +74,7 @@ class Endpoint:
     check_inputs: list[Any] = field(default_factory=list)  # a batch to compare saved vs in-process
 
 
-class Task:
+class Task(abc.ABC):
     """Base class. Subclasses implement the abstract parts; the rest has defaults."""
 
     name: ClassVar[str] = ""
@@ -92,14 +93,17 @@ class Task:
         self.num_replicas = 1
 
     # -- data and model -----------------------------------------------------------
+    @abc.abstractmethod
     def build_inputs(self) -> Inputs:
-        raise NotImplementedError(f"{type(self).__name__}.build_inputs")
+        """The batched train/eval datasets and the info the model and export need."""
 
+    @abc.abstractmethod
     def build_model(self, info: dict[str, Any]):
-        raise NotImplementedError(f"{type(self).__name__}.build_model")
+        """The network, through ``models.create_model`` (called in the strategy scope)."""
 
+    @abc.abstractmethod
     def compile_model(self, model, inputs: Inputs) -> None:
-        raise NotImplementedError(f"{type(self).__name__}.compile_model")
+        """Compile with the task's optimizer, losses and metrics."""
 
     def prepare_dataset(self, dataset):
         """Adapt a batched dataset to the compiled model (e.g. labels for auxiliary heads)."""
@@ -110,8 +114,9 @@ class Task:
         return []
 
     # -- evaluation and artifacts -----------------------------------------------------
+    @abc.abstractmethod
     def evaluate(self, model, inputs: Inputs) -> dict[str, float]:
-        raise NotImplementedError(f"{type(self).__name__}.evaluate")
+        """The task's metrics on the eval split (``metric_names``)."""
 
     def write_artifacts(self, model, history: dict[str, list[float]], inputs: Inputs, out_dir: Path) -> None:
         """Plots and tables beside the config in the run's artifact folder."""
@@ -121,8 +126,9 @@ class Task:
         """The network that is logged, registered and exported (a training wrapper may differ)."""
         return model
 
+    @abc.abstractmethod
     def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
-        raise NotImplementedError(f"{type(self).__name__}.endpoints")
+        """The serving signatures; the first is ``serving_default``."""
 
     def check_batch(self, inputs: Inputs) -> Any:
         """A real eval batch to compare the SavedModel with the Keras model on."""
