@@ -119,7 +119,7 @@ def test_export_loads_and_matches(workspace, first_run):
     assert first_run.metrics["export_max_abs_diff"] <= 1e-5
 
     reloaded = tf.saved_model.load(str(export))
-    keras_model = mlflow.keras.load_model(f"models:/lenet5-digits/1")
+    keras_model = mlflow.keras.load_model("models:/lenet5-digits/1")
     images = np.random.default_rng(0).uniform(size=(6, 32, 32, 1)).astype(np.float32)
     out = reloaded.signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(out["probabilities"].numpy(), keras_model.predict(images, verbose=0), atol=1e-5)
@@ -130,7 +130,7 @@ def test_export_loads_and_matches(workspace, first_run):
     from data.sources import load_digits
 
     raw = load_digits()
-    for img, label in raw.eval.take(1):
+    for img, _ in raw.eval.take(1):
         png = tf.io.encode_png(img)
         from data.images import preprocess_images
 

@@ -47,7 +47,7 @@ def _weights(uri: str, model_uri: str) -> list[np.ndarray]:
 
 
 def _max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture()
