@@ -105,6 +105,7 @@ def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("cnn-claims-tests")  # not an experiment id left active by an earlier test
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
