@@ -44,7 +44,8 @@ def gaussian_log_prob(z, mean, log_std, axes):
 class GenerativeTrainer(keras.Model):
     """Base of the wrappers: holds the registered ``network``, a seed generator and
     mean trackers; ``call`` runs the network, ``test_step`` reports the same losses as
-    ``train_step`` without updating anything."""
+    ``train_step`` without updating anything. Each trainer defines ``losses_of(x, training)``,
+    the tracked losses of a batch."""
 
     tracked: tuple[str, ...] = ("loss",)
 
@@ -66,10 +67,6 @@ class GenerativeTrainer(keras.Model):
         for k, v in values.items():
             self.trackers[k].update_state(v)
         return {k: t.result() for k, t in self.trackers.items()}
-
-    def losses_of(self, x, training: bool) -> dict:
-        """The tracked losses of a batch; each trainer defines its own."""
-        raise NotImplementedError(f"{type(self).__name__} must define losses_of(x, training)")
 
     def test_step(self, data):
         return self._update(self.losses_of(_images(data), training=False))
