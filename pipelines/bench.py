@@ -231,29 +231,9 @@ def bench(
         "train MFU",
         "infer MFU",
     )
-    rows = [
-        (
-            r.model,
-            r.implementation,
-            f"{r.params:,}",
-            f"{r.forward_gflops:.2f}",
-            f"{r.train_images_per_s:.2f}",
-            f"{r.infer_images_per_s:.2f}",
-            f"{r.train_mfu:.1%}",
-            f"{r.infer_mfu:.1%}",
-        )
-        for r in results
-    ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    peak_after = matmul_peak(
-        seconds=peak_seconds
-    )  # a busy machine at the start would understate it
-    if peak_after > peak:
-        for r in results:
-            r.train_mfu *= peak / peak_after
-            r.infer_mfu *= peak / peak_after
-        peak = peak_after
-        rows = [
+
+    def table_rows():
+        return [
             (
                 r.model,
                 r.implementation,
@@ -266,6 +246,18 @@ def bench(
             )
             for r in results
         ]
+
+    rows = table_rows()
+    peak_after = matmul_peak(
+        seconds=peak_seconds
+    )  # a busy machine at the start would understate it
+    if peak_after > peak:
+        for r in results:
+            r.train_mfu *= peak / peak_after
+            r.infer_mfu *= peak / peak_after
+        peak = peak_after
+        rows = table_rows()
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     printer(f"fp32 matmul peak, the better of before and after: {peak / 1e9:.1f} GFLOP/s")
     for row in [header, *rows]:
         printer("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))

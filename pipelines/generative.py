@@ -68,6 +68,18 @@ class GenerativeTrainer(keras.Model):
             self.trackers[k].update_state(v)
         return {k: t.result() for k, t in self.trackers.items()}
 
+    def train_step(self, data):
+        """One optimizer over the whole network minimising ``loss`` (the negative ELBO of
+        the VAE and DRAW); the RBM and GAN trainers replace it with their own algorithms."""
+        x = _images(data)
+        with tf.GradientTape() as tape:
+            values = self.losses_of(x, training=True)
+        variables = self.network.trainable_variables
+        self.optimizer.apply_gradients(
+            zip(tape.gradient(values["loss"], variables), variables, strict=True)
+        )
+        return self._update(values)
+
     def test_step(self, data):
         return self._update(self.losses_of(_images(data), training=False))
 
@@ -291,16 +303,6 @@ class VAETrainer(GenerativeTrainer):
             "kl": tf.reduce_mean(kl),
         }
 
-    def train_step(self, data):
-        x = _images(data)
-        with tf.GradientTape() as tape:
-            values = self.losses_of(x, training=True)
-        variables = self.network.trainable_variables
-        self.optimizer.apply_gradients(
-            zip(tape.gradient(values["loss"], variables), variables, strict=True)
-        )
-        return self._update(values)
-
     def log_weights(self, x, k: int, seed: int = 0):
         """``log p(x|z) + log p(z) - log q(z|x)`` for ``k`` posterior samples [k, B]."""
         mean, log_var = self.encoder(x, training=False)
@@ -426,16 +428,6 @@ class DRAWTrainer(GenerativeTrainer):
             "reconstruction": tf.reduce_mean(-ll),
             "kl": tf.reduce_mean(kl),
         }
-
-    def train_step(self, data):
-        x = _images(data)
-        with tf.GradientTape() as tape:
-            values = self.losses_of(x, training=True)
-        variables = self.network.trainable_variables
-        self.optimizer.apply_gradients(
-            zip(tape.gradient(values["loss"], variables), variables, strict=True)
-        )
-        return self._update(values)
 
     def log_weights(self, x, k: int, seed: int = 0):
         """``log p(x|z) + log p(z) - log q(z|x)`` for ``k`` posterior samples [k, B]."""

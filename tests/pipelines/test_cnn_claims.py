@@ -14,22 +14,8 @@ CLAIMS = {
     "claim-batchnorm": ["batchnorm", "no-batchnorm"],
     "claim-residual": ["plain18", "plain34", "resnet18", "resnet34"],
 }
-CLASSIFIERS = [
-    "alexnet",
-    "zfnet",
-    "vgg11",
-    "vgg13",
-    "vgg16",
-    "vgg19",
-    "googlenet",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "plain18",
-    "plain34",
-]
+# every registered image classifier ships a <model>-mnist config (the list comes from the registry)
+from tests.models.test_registered_classifiers import CLASSIFIERS  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))
