@@ -10,6 +10,7 @@ from models.registry import (
     get_model_builder,
     list_models,
     model_arguments,
+    model_module,
     register_model,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "get_model_builder",
     "list_models",
     "model_arguments",
+    "model_module",
     "register_model",
 ]

@@ -77,6 +77,16 @@ def list_models() -> list[str]:
     return sorted(set(_index()) | set(_BUILDERS))
 
 
+def model_module(name: str) -> str:
+    """The file (``models/<module>.py``) that declares ``name``. Does not import Keras."""
+    module = _index().get(name)
+    if module is None:
+        if name in _BUILDERS:
+            return _BUILDERS[name].__module__.rsplit(".", 1)[-1]
+        raise _unknown(name)
+    return module
+
+
 def _unknown(name: str) -> KeyError:
     close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

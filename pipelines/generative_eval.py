@@ -46,6 +46,16 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     )
 
 
+def relative_distance(fid: float, floor: float, ceiling: float) -> float:
+    """Where ``fid`` lies between the real-vs-real distance (0) and the untrained
+    network's (1). Feature spaces differ in scale (another LeNet-5, another F6), so raw
+    distances compare only within one classifier; this position compares across them."""
+    span = ceiling - floor
+    if not np.isfinite(span) or span <= 0.0:
+        return float("nan")
+    return float((fid - floor) / span)
+
+
 @dataclass
 class FeatureClassifier:
     """A LeNet-5 classifier and its F6 feature extractor, with where it came from."""

@@ -196,6 +196,7 @@ class GenerationTask(Task):
         "min_class_share",
         "fid_real",
         "fid_untrained",
+        "fid_relative",
         "confident_share_real",
     )
 
@@ -211,6 +212,13 @@ class GenerationTask(Task):
         self.options: GenerationOptions = parse_options(
             GenerationOptions, config.task_options, "generation"
         )
+        likelihood = config.model.kwargs().get("likelihood", "bernoulli")
+        if family == "vae" and likelihood == "gaussian" and self.options.binarize is not None:
+            raise ConfigError(
+                "task_options.binarize: a Gaussian likelihood (model.likelihood: gaussian) "
+                "needs grey pixels, but binarize is "
+                f"{self.options.binarize}; set task_options.binarize: null."
+            )
         if family in ("rbm",) and self.options.binarize is None:
             log.warning(
                 "%s: a Bernoulli RBM on grey pixels; set task_options.binarize: 0.5", config.name
@@ -441,6 +449,9 @@ class GenerationTask(Task):
             metrics["fid_untrained"] = ev.sample_quality(
                 clf, self.sample(untrained, n, seed=0), real_feats
             )["fid"]
+            metrics["fid_relative"] = ev.relative_distance(
+                metrics["fid"], metrics["fid_real"], metrics["fid_untrained"]
+            )
         _, probs = clf.features_and_probs(samples)
         self._eval = {
             "samples": samples,

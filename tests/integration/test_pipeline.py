@@ -165,6 +165,39 @@ def test_reexport_registered_version(workspace, first_run):
     np.testing.assert_allclose(a(images=x)["probabilities"].numpy(), b(images=x)["probabilities"].numpy(), atol=1e-6)
 
 
+def test_generative_run_scores_in_the_registered_lenet5_and_reexports(workspace, first_run):
+    """``task_options.fid_classifier=models:/lenet5-digits@champion``: the GAN's Fréchet
+    distance is taken in the registered classifier's F6 space and its version is tagged on
+    the run; ``deeptrends export`` rebuilds the generator's signatures from the registry."""
+    from pipelines.reexport import export_registered
+
+    root = workspace["root"]
+    summary = run_experiment(load_config("gan-digits", [
+        "train.epochs=2", "train.verbose=0", "export.warmup_requests=1",
+        "model.generator_units=[64]", "model.discriminator_units=[64]",
+        "task_options.fid_samples=100", "task_options.sample_every=0",
+        "task_options.fid_classifier=models:/lenet5-digits@champion",
+        f"tracking.uri={workspace['uri']}", f"runtime.work_dir={root / 'runs'}",
+        f"export.serving_dir={root / 'serving'}",
+    ]))
+    tags = mlflow.MlflowClient(workspace["uri"]).get_run(summary.run_id).data.tags
+    assert tags["fid_classifier.kind"] == "registered"
+    assert tags["fid_classifier.uri"] == "models:/lenet5-digits@champion"
+    assert tags["fid_classifier.version"] == str(first_run.model_version)
+    assert float(tags["fid_classifier.test_accuracy"]) > 0.5
+    assert np.isfinite(summary.metrics["fid"]) and summary.metrics["fid"] >= 0.0
+
+    path = export_registered("models:/gan-digits@champion", root / "reexport", workspace["uri"])
+    assert path == root / "reexport" / "gan-digits" / "1"
+    a = tf.saved_model.load(str(path)).signatures
+    b = tf.saved_model.load(summary.export_path).signatures
+    assert {"serving_default", "generate_latents"} <= set(a)
+    seeds = tf.constant([3, 4, 5], tf.int64)
+    images = a["serving_default"](seed=seeds)["images"]
+    assert images.dtype == tf.uint8 and images.shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(images.numpy(), b["serving_default"](seed=seeds)["images"].numpy())
+
+
 def test_nan_run_fails_and_leaves_nothing(workspace, first_run, second_run):
     client = mlflow.MlflowClient(workspace["uri"])
     before = {str(v.version) for v in client.search_model_versions("name='lenet5-digits'")}

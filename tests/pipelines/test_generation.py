@@ -116,6 +116,50 @@ def test_trains_without_nan_exports_and_reloads(key, tmp_path):
     np.testing.assert_array_equal(out["images"][1].numpy(), alone["images"][0].numpy())
 
 
+def test_every_model_of_the_task_has_a_case():
+    """The cases above come from the task's own list of models and the registry: a model
+    the generation task accepts, or a registered generative model, without a case fails."""
+    import models
+    from pipelines.tasks.generation import FAMILIES
+
+    def model_name(key):
+        named = [o.split("=", 1)[1] for o in SMALL[key] if o.startswith("model.name=")]
+        return named[0] if named else load_config(BASE[key]).model.name
+
+    assert {model_name(k) for k in SMALL} == set(FAMILIES)
+    generative = {
+        n for n in models.list_models() if models.model_module(n) in ("rbm", "vae", "gan", "draw")
+    }
+    # dbn_classifier is trained by the dbn_classification task (test_driver_runs_... below)
+    assert generative - {"dbn_classifier"} == set(FAMILIES)
+
+
+def test_gaussian_vae_trains_on_grey_pixels_and_exports(tmp_path):
+    """``model.likelihood=gaussian``: grey pixels, a learned per-pixel scale, an ELBO that
+    improves on its initial value; samples are the decoder's mean in [0, 1]."""
+    with pytest.raises(ConfigError, match="task_options.binarize"):
+        make_task("vae-digits", tmp_path, "model.likelihood=gaussian")
+    task = make_task(
+        "vae-digits", tmp_path, "model.likelihood=gaussian", "task_options.binarize=null"
+    )
+    inputs, model = build(task)
+    x = task.arrays["fit"][0]
+    assert 0.0 < np.mean((x > 0.05) & (x < 0.95)), "pixels should stay grey"
+    initial = model.evaluate(inputs.eval, return_dict=True, verbose=0)["loss"]
+    model.fit(inputs.train, epochs=4, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
+    final = model.evaluate(inputs.eval, return_dict=True, verbose=0)["loss"]
+    assert np.isfinite(final) and final < initial - 50.0, (initial, final)
+    scale = model.network.get_layer("decoder").get_layer("decoder_log_scale").log_scale
+    assert not np.allclose(np.asarray(scale), np.log(0.1)), "the per-pixel scale did not learn"
+    network = task.serving_model(model)
+    endpoints = task.endpoints(network, inputs.info, task.check_batch(inputs))
+    result = write_saved_model(
+        network, endpoints, tmp_path / "serving" / "1", model_name="vae-gaussian", warmup_requests=1
+    )
+    assert {"serving_default", "encode", "decode"} <= set(result.signatures)
+    assert result.max_abs_diff <= 1e-5
+
+
 @pytest.mark.parametrize("key", ["vae-digits", "dcgan-digits", "rbm-digits"])
 def test_same_seed_same_samples(key, tmp_path):
     task = make_task(key, tmp_path)
@@ -171,6 +215,19 @@ def test_vae_elbo_improves_on_its_initial_value(tmp_path):
 
 
 @pytest.mark.slow
+def test_draw_with_attention_learns(tmp_path):
+    """Attention DRAW learns through its glimpses: the KL term opens up (the posterior
+    carries information about the image) and the bound falls far below its start."""
+    task = make_task("draw-digits", tmp_path)
+    inputs, model = build(task)
+    initial = model.evaluate(inputs.eval, return_dict=True, verbose=0)
+    model.fit(inputs.train, epochs=8, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
+    final = model.evaluate(inputs.eval, return_dict=True, verbose=0)
+    assert np.isfinite(final["loss"]) and final["loss"] < 0.6 * initial["loss"], (initial, final)
+    assert final["kl"] > 2.0, final
+
+
+@pytest.mark.slow
 def test_dcgan_frechet_distance_beats_the_untrained_generator(tmp_path):
     task = make_task(
         "dcgan-digits",
@@ -182,6 +239,7 @@ def test_dcgan_frechet_distance_beats_the_untrained_generator(tmp_path):
     model.fit(inputs.train, epochs=12, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
     metrics = task.evaluate(model, inputs)
     assert metrics["fid"] < 0.7 * metrics["fid_untrained"], metrics
+    assert metrics["fid_relative"] < 0.7
     assert metrics["fid_real"] < metrics["fid"]
     assert 0.0 <= metrics["confident_share"] <= 1.0
     record = task.feature_classifier().record
@@ -232,6 +290,16 @@ def test_frechet_distance():
     assert frechet_distance(a, a + 3.0) == pytest.approx(36.0, rel=1e-6)
     with pytest.raises(ValueError, match="features"):
         frechet_distance(a, a[:, :3])
+
+
+def test_relative_distance_places_fid_between_floor_and_ceiling():
+    from pipelines.generative_eval import relative_distance
+
+    assert relative_distance(4.7, 4.7, 2863.0) == 0.0
+    assert relative_distance(2863.0, 4.7, 2863.0) == 1.0
+    # the issue's DCGAN bound (150 between 4.7 and 2,863) sits at about 5 % of the span
+    assert relative_distance(150.0, 4.7, 2863.0) == pytest.approx(0.0508, abs=1e-4)
+    assert np.isnan(relative_distance(10.0, 5.0, 5.0))
 
 
 def test_bad_task_options_are_named(tmp_path):
