@@ -130,6 +130,12 @@ class RBMTrainer(GenerativeTrainer):
             if not optimizer.built:
                 optimizer.build([rbm.kernel, rbm.visible_bias, rbm.hidden_bias])
 
+    @property
+    def trace_key(self) -> int:
+        """The RBM in training: ``train_step`` is traced for one layer (pipelines/loop.py
+        retraces when this changes)."""
+        return self.current_layer
+
     def set_layer(self, index: int) -> None:
         """Train RBM ``index`` from now on (retraces the train and test functions)."""
         if index != self.current_layer:

@@ -155,6 +155,16 @@ def build_state(model, strategy: tf.distribute.Strategy, sample_batch=None) -> N
             model.build_optimizers()
 
 
+_UNTRACED = object()
+
+
+def _trace_key(model):
+    """A model whose step reads Python state at trace time (the DBN's RBM in training)
+    exposes it as ``trace_key``; the loop retraces its step functions when the key changes
+    at an epoch start, as Keras ``fit`` does after ``make_train_function(force=True)``."""
+    return getattr(model, "trace_key", None)
+
+
 def _step_function(model, strategy, step_fn, jit_compile: bool):
     inner = tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
 
@@ -192,8 +202,7 @@ def fit(
         all_callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
         epochs=epochs, steps=steps_per_epoch, model=model,
     )
-    train_step = _step_function(model, strategy, model.train_step, jit_compile)
-    test_step = _step_function(model, strategy, model.test_step, jit_compile)
+    traced_key, train_step, test_step = _UNTRACED, None, None
     iterator = iter(strategy.experimental_distribute_dataset(train_data))
     dist_val = strategy.experimental_distribute_dataset(validation_data) if validation_data is not None else None
 
@@ -204,6 +213,10 @@ def fit(
         for epoch in range(start.epoch, epochs):
             model.reset_metrics()
             cbs.on_epoch_begin(epoch)
+            if _trace_key(model) != traced_key:  # first epoch, or the model's Python state moved
+                traced_key = _trace_key(model)
+                train_step = _step_function(model, strategy, model.train_step, jit_compile)
+                test_step = _step_function(model, strategy, model.test_step, jit_compile)
             first = start.step if epoch == start.epoch else 0
             for step in range(first, steps_per_epoch):
                 cbs.on_train_batch_begin(step)
