@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     parser.add_argument(
+        "--tag", default="", help="suffix of the result file (results/<config>-<tag>.json)"
+    )
+    parser.add_argument(
         "--work-dir", default="runs", help="run directories (relative to the current directory)"
     )
     args = parser.parse_args(argv)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": summary.model_version,
         "machine": f"{platform.machine()} {platform.processor()}",
     }
-    out = ROOT / "benchmarks" / "results" / f"{args.config}.json"
+    out = ROOT / "benchmarks" / "results" / f"{args.config}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
