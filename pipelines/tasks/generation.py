@@ -317,7 +317,13 @@ class GenerationTask(Task):
         )
         if self.family == "rbm":
             init_visible_bias(model.rbms[0], self.arrays["fit"][0])
-            model.compile([build_optimizer(train, steps) for _ in model.rbms], jit_compile=jit)
+            # each RBM's optimizer, and so its learning-rate schedule, spans its own epochs
+            epochs = self.epochs_per_layer(len(model.rbms))
+            epochs[-1] = max(epochs[-1], train.epochs - sum(epochs[:-1]))  # the top takes the rest
+            model.compile(
+                [build_optimizer(train.model_copy(update={"epochs": e}), steps) for e in epochs],
+                jit_compile=jit,
+            )
         elif self.family == "gan":
             model.compile(
                 build_optimizer(train, steps), build_optimizer(train, steps), jit_compile=jit

@@ -186,6 +186,25 @@ def test_dbn_trains_each_layer_in_turn_through_the_training_loop(tmp_path):
     assert np.array_equal(after_2[0], after_1[0]) and not np.allclose(after_2[1], after_1[1])
 
 
+def test_each_rbm_schedule_spans_its_own_epochs(tmp_path):
+    """Greedy training: RBM i's learning rate decays over its own epochs, not the run's."""
+    task = make_task(
+        "dbn",
+        tmp_path,
+        "train.schedule=cosine",
+        "train.epochs=5",
+        "task_options.epochs_per_layer=[1,2]",
+    )
+    inputs, model = build(task)
+    steps = inputs.steps_per_epoch
+    first, top = (opt._learning_rate for opt in model.layer_optimizers)  # the schedules
+    lr = task.config.train.learning_rate
+    # RBM 1: 1 epoch; the top RBM: the remaining 4 (the schedule gives it the rest)
+    assert float(first(steps)) == pytest.approx(0.0, abs=1e-9)
+    assert float(top(2 * steps)) == pytest.approx(lr / 2, rel=1e-4)
+    assert float(top(4 * steps)) == pytest.approx(0.0, abs=1e-9)
+
+
 @pytest.mark.parametrize("key", ["vae-digits", "dcgan-digits", "rbm-digits"])
 def test_same_seed_same_samples(key, tmp_path):
     task = make_task(key, tmp_path)
