@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines.generative_eval import relative_distance  # noqa: E402
+
 # The issue's Fréchet bounds were set in another LeNet-5's feature space (real vs real 4.7,
 # untrained generator 2,863). Raw distances scale with the feature space, so each bound is
 # also checked as a position between floor and ceiling (``fid_relative``): 150 -> 0.051,
@@ -36,7 +38,7 @@ ISSUE_FLOOR, ISSUE_CEILING = 4.7, 2863.0
 
 
 def _relative(bound: float) -> float:
-    return round((bound - ISSUE_FLOOR) / (ISSUE_CEILING - ISSUE_FLOOR), 4)
+    return round(relative_distance(bound, ISSUE_FLOOR, ISSUE_CEILING), 4)
 
 
 TARGETS = {
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_version": summary.model_version,
         "machine": f"{platform.machine()} {platform.processor()}",
     }
-    out = ROOT / "benchmarks" / "results" / f"{args.config}{'-' + args.tag if args.tag else ''}.json"
+    stem = f"{args.config}-{args.tag}" if args.tag else args.config
+    out = ROOT / "benchmarks" / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

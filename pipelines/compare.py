@@ -17,7 +17,6 @@ which later comparisons leave out.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 EXTRA_METRICS = ("train_seconds", "seconds_per_epoch", "num_params", "export_max_abs_diff", "epochs_to_target",
@@ -95,13 +94,10 @@ def histories(experiment_rows, metrics: list[str], tracking_uri: str | None = No
 
 def plot_curves(curves: dict, path: Path, title: str) -> Path:
     """One panel per metric, one line per run (x: the logged step)."""
-    from pipelines.plots import _pyplot
+    from pipelines.plots import panel_grid, save_figure
 
-    plt = _pyplot()
-    cols = min(3, len(curves))
-    nrows = math.ceil(len(curves) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.6 * nrows), squeeze=False)
-    for ax, (m, runs) in zip(axes.flat, curves.items(), strict=False):
+    fig, axes = panel_grid(len(curves))
+    for ax, (m, runs) in zip(axes, curves.items(), strict=False):
         for run, points in runs.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], "-", marker="." if len(points) < 40 else None,
                     label=run)
@@ -111,13 +107,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> Path:
         ax.set_xlabel("logged step (the epoch, for per-epoch metrics)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(curves) :]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def log_artifacts(experiment: str, files: list[Path]) -> str:
@@ -140,14 +130,11 @@ def log_artifacts(experiment: str, files: list[Path]) -> str:
 def plot(
     rows, metric_names, path: Path, title: str, x: str | None = None, group: str | None = None
 ) -> Path:
-    from pipelines.plots import _pyplot
+    from pipelines.plots import panel_grid, save_figure
 
-    plt = _pyplot()
     metrics = [m for m in metric_names if any(isinstance(r.get(m), float) for r in rows)]
-    cols = min(3, max(1, len(metrics)))
-    nrows = math.ceil(max(1, len(metrics)) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.6 * nrows), squeeze=False)
-    for ax, m in zip(axes.flat, metrics, strict=False):
+    fig, axes = panel_grid(len(metrics))
+    for ax, m in zip(axes, metrics, strict=False):
         if x:
             groups: dict = {}
             for r in rows:
@@ -164,13 +151,7 @@ def plot(
             ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
         ax.set_title(m)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def compare(

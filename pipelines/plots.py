@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,27 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def panel_grid(count: int, width: float = 5.0, height: float = 3.6, max_cols: int = 3):
+    """A figure of ``count`` panels, up to ``max_cols`` a row; the spare panels hidden."""
+    plt = _pyplot()
+    cols = min(max_cols, max(1, count))
+    rows = math.ceil(max(1, count) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def save_figure(fig, path: Path, title: str = "") -> Path:
+    """Title, lay out, write (dpi 110) and close ``fig``."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
 
 
 def learning_curves(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
@@ -31,11 +53,7 @@ def learning_curves(history: dict[str, list[float]], path: Path, title: str = ""
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: list[str], path: Path) -> Path:
@@ -49,7 +67,4 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_names: l
         include_values=n <= 20,
     )
     ax.set_title(f"accuracy {np.mean(labels == predictions):.4f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

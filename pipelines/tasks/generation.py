@@ -318,10 +318,11 @@ class GenerationTask(Task):
         if self.family == "rbm":
             init_visible_bias(model.rbms[0], self.arrays["fit"][0])
             # each RBM's optimizer, and so its learning-rate schedule, spans its own epochs
-            epochs = self.epochs_per_layer(len(model.rbms))
-            epochs[-1] = max(epochs[-1], train.epochs - sum(epochs[:-1]))  # the top takes the rest
             model.compile(
-                [build_optimizer(train.model_copy(update={"epochs": e}), steps) for e in epochs],
+                [
+                    build_optimizer(train.model_copy(update={"epochs": e}), steps)
+                    for e in self.epochs_per_layer(len(model.rbms))
+                ],
                 jit_compile=jit,
             )
         elif self.family == "gan":
@@ -338,9 +339,12 @@ class GenerationTask(Task):
                     f"task_options.epochs_per_layer: {len(self.options.epochs_per_layer)} "
                     f"entries for {layers} RBMs."
                 )
-            return list(self.options.epochs_per_layer)
-        total = self.config.train.epochs
-        return [max(1, total // layers)] * layers
+            epochs = list(self.options.epochs_per_layer)
+        else:
+            epochs = [max(1, self.config.train.epochs // layers)] * layers
+        # the top RBM trains for any epochs left over (GreedyLayerSchedule does the same)
+        epochs[-1] = max(epochs[-1], self.config.train.epochs - sum(epochs[:-1]))
+        return epochs
 
     def callbacks(self, run_dir: Path, inputs: Inputs) -> list:
         from pipelines import generative as gen
