@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.generative_eval import relative_distance  # noqa: E402
+from pipelines.evaluation.sample_quality import relative_distance  # noqa: E402
 
 # The issue's Fréchet bounds were set in another LeNet-5's feature space (real vs real 4.7,
 # untrained generator 2,863). Raw distances scale with the feature space, so each bound is

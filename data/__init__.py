@@ -1,7 +1,7 @@
 """Datasets and tf.data input pipelines.
 
 The catalog (``register_dataset``, ``list_datasets``, ``get_dataset``) imports no
-TensorFlow; ``data.images`` and ``data.sources`` do.
+TensorFlow; ``data.images`` and ``data.arrays`` do.
 """
 
 from data.catalog import (

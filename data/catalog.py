@@ -99,7 +99,7 @@ register_dataset(
     DatasetEntry(
         name="digits",
         kind="image_classification",
-        load="data.sources:load_digits",
+        load="data.arrays:load_digits",
         description="scikit-learn's bundled 8x8 digits (1,797), seeded stratified 80/20 split; embedded default",
         source="sklearn.datasets.load_digits (ships with scikit-learn)",
     )
@@ -108,7 +108,7 @@ register_dataset(
     DatasetEntry(
         name="mnist",
         kind="image_classification",
-        load="data.sources:load_mnist",
+        load="data.arrays:load_mnist",
         description="MNIST: TFDS 'mnist' where prepared, else the official test set from "
         "$DEEPTRENDS_DATA_DIR/mnist_test split 8,000/2,000 (seeded, stratified)",
         options={"source": "auto"},

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.catalog import default_tfds_dir
-from data.sources import SPLIT_SEED, DataError, RawSplits, stratified_split
+from data.splits import SPLIT_SEED, DataError, RawSplits, stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TRAIN_DIRS = ("train",)

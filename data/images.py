@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 
 from data.catalog import check_options, get_dataset
-from data.sources import RawSplits
+from data.splits import RawSplits
 
 _SHARD = {
     "AUTO": tf.data.experimental.AutoShardPolicy.AUTO,
@@ -245,6 +245,32 @@ def load_raw(spec: ImageInputSpec) -> RawSplits:
     module, _, fn = entry.load.partition(":")
     loader = getattr(importlib.import_module(module), fn)
     return loader(data_dir=spec.data_dir, **options)
+
+
+def load_image_arrays(spec: ImageInputSpec) -> dict:
+    """A dataset's splits as preprocessed float32 arrays in [0, 1] with int64 labels, plus
+    ``class_names``, ``fingerprint``, ``source`` and ``raw_shape`` (for models trained
+    from arrays: the generative models, greedy RBM pre-training)."""
+    import numpy as np
+
+    raw = load_raw(spec)
+    channels = spec.channels or int(raw.image_shape[-1])
+
+    def arrays(ds):
+        xs, ys = [], []
+        for x, y in ds.batch(4096):
+            xs.append(preprocess_images(x, spec.image_size, channels).numpy())
+            ys.append(y.numpy())
+        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
+
+    return {
+        "train": arrays(raw.train),
+        "test": arrays(raw.eval),
+        "class_names": raw.class_names,
+        "fingerprint": raw.fingerprint,
+        "source": raw.source,
+        "raw_shape": list(raw.image_shape),
+    }
 
 
 def _options(spec: ImageInputSpec, shard_policy: str) -> tf.data.Options:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from data.sources import DataError
+from data.splits import DataError
 
 PROBLEMS = ("adding", "recall")
 

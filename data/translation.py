@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.catalog import source_root
-from data.sources import DataError
+from data.splits import DataError
 
 DIRECTIONS = ("forward", "reverse")
 PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"

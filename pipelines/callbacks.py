@@ -160,3 +160,36 @@ class EpochsToTarget(keras.callbacks.Callback):
         run = _mlflow_run() if self.chief else None
         if run is not None:
             run.log_metrics({"reached_target": 1.0 if self.epoch is not None else 0.0})
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training at the first batch end after ``seconds`` of wall time. With
+    ``restore_best`` (likelihood models), the weights of the epoch with the lowest
+    ``val_loss`` are restored when the limit stopped training."""
+
+    def __init__(self, seconds: float, restore_best: bool = False):
+        super().__init__()
+        self.seconds = seconds
+        self.restore_best = restore_best
+        self.best, self.best_weights, self.stopped = float("inf"), None, False
+
+    def on_train_begin(self, logs=None):
+        import time
+
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        import time
+
+        if time.monotonic() - self.start > self.seconds:
+            self.model.stop_training = True
+            self.stopped = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_loss")
+        if self.restore_best and value is not None and float(value) < self.best:
+            self.best, self.best_weights = float(value), self.model.network.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.stopped and self.best_weights is not None:
+            self.model.network.set_weights(self.best_weights)

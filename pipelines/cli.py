@@ -19,11 +19,11 @@ def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
 
 
 def cmd_configs(args) -> int:
-    from pipelines.config import CONFIG_DIR, list_configs, read_yaml
+    from pipelines.config import read_yaml, shipped_config_paths
 
     rows = []
-    for name in list_configs():
-        raw = read_yaml(CONFIG_DIR / f"{name}.yaml")
+    for name, path in shipped_config_paths().items():
+        raw = read_yaml(path)
         rows.append((name, raw.get("task", ""), (raw.get("model") or {}).get("name", ""),
                      (raw.get("data") or {}).get("name", ""), raw.get("description", "")))
     _print_table(rows, ("config", "task", "model", "data", "description"))
@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pipelines.compare import compare
+    from pipelines.reports.compare import compare
 
     compare(args.experiment, Path(args.output) if args.output else None, args.tracking_uri,
             args.param, args.x, args.group, metrics=args.metric, log_artifact=not args.no_log)
@@ -104,7 +104,7 @@ def cmd_bench(args) -> int:
     from pipelines.runtime import quiet_tensorflow
 
     quiet_tensorflow()
-    from pipelines.bench import bench
+    from pipelines.reports.bench import bench
 
     try:
         bench(args.model, args.image_size, args.batch_size, args.steps, args.rounds,
@@ -119,7 +119,7 @@ def cmd_export(args) -> int:
     from pipelines.runtime import quiet_tensorflow
 
     quiet_tensorflow()
-    from pipelines.reexport import export_registered
+    from pipelines.serving.reexport import export_registered
 
     path = export_registered(args.model_uri, Path(args.serving_dir), tracking_uri=args.tracking_uri)
     print(path)

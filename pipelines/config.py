@@ -2,7 +2,7 @@
 
 A config names a task, a model (``{name, ...kwargs}`` passed straight to
 ``models.create_model``), a dataset and the train/runtime/tracking/export settings.
-Shipped experiments live as YAML in ``pipelines/configs/``; ``load_config`` takes a
+Shipped experiments live as YAML in ``pipelines/configs/<task>/``; ``load_config`` takes a
 registered name or a path, applies ``--set a.b=c`` overrides and validates the result.
 Every error names the field path, the bad value and what is accepted.
 
@@ -200,9 +200,14 @@ class ExperimentConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
+def shipped_config_paths() -> dict[str, Path]:
+    """The shipped experiments by name (``pipelines/configs/<task>/<name>.yaml``)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*/*.yaml"))}
+
+
 def list_configs() -> list[str]:
-    """Names of the shipped experiments (``pipelines/configs/*.yaml``)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names of the shipped experiments."""
+    return sorted(shipped_config_paths())
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -267,8 +272,8 @@ def resolve_config_path(name_or_path: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist.")
         return path
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
+    shipped = shipped_config_paths().get(name_or_path)
+    if shipped is not None:
         return shipped
     close = difflib.get_close_matches(name_or_path, list_configs(), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -301,4 +306,4 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Experi
     raw = read_yaml(path)
     raw.pop("variants", None)  # the base of a several-run experiment (pipelines/variants.py)
     raw = apply_overrides(raw, list(overrides or []))
-    return validate_config(raw, source=str(path) if path.parent != CONFIG_DIR else repr(path.stem))
+    return validate_config(raw, source=str(path) if path.parent.parent != CONFIG_DIR else repr(path.stem))

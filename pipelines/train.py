@@ -115,7 +115,8 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from pipelines import export, loop, tracking
+    from pipelines import loop, tracking
+    from pipelines.serving import export
     from pipelines.tasks.base import get_task
 
     tfds.disable_progress_bar()

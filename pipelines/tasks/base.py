@@ -1,16 +1,30 @@
 """The task interface: what a problem type (classification, detection, generation,
-sequence modelling, translation, captioning) contributes to the shared driver.
+sequence modelling, translation, captioning) adds to the shared driver.
 
-A task builds its inputs and model (through ``models.create_model``, inside the
-strategy scope), compiles it with its losses and metrics, evaluates it, writes its
-artifacts, and declares the serving endpoints that the export writes. Tasks whose
-training algorithm needs its own ``train_step`` return a ``keras.Model`` wrapper that
-implements it; the driver does not care.
+A task is built with the run's ``RunContext`` and answers five hooks, in this order::
+
+    task = TaskClass(context)             # options validated (``Options``)
+    inputs = task.build_inputs()          # -> Inputs: datasets, typed info, check batch
+    model = task.build_model(inputs)      # in strategy.scope(): built *and* compiled
+    task.callbacks(inputs, run_dir)       # optional Keras callbacks
+    evaluation = task.evaluate(model, inputs)      # -> Evaluation: metrics, tags, artifacts
+    serving = task.serving(model, info, check)     # -> Serving: model to log, endpoints
+
+State flows through the values the hooks return (``Inputs.data`` carries what a task keeps
+of its data for evaluation), never through private attributes. Tasks do not import MLflow:
+the driver's ``RunTracker`` logs what ``evaluate`` returns. Tasks do not import each other.
+
+``check_config`` (``Task.check``) validates ``task_options`` against ``Options`` and the
+task's own cross-field rules for every variant of a config before anything runs, and
+``metric_names(config)`` says which metrics this task returns *for this config*, so a
+gate metric the run will never produce is a config error, not a ``KeyError`` after
+training.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import difflib
 import importlib
 import pkgutil
@@ -18,13 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from pipelines.config import ExperimentConfig
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipelines.config import ConfigError, ExperimentConfig
 
 _TASKS: dict[str, type[Task]] = {}
 
 
 def register_task(name: str):
-    """Class decorator: register a ``Task`` subclass under ``name``."""
+    """Class decorator: register a ``Task`` subclass under ``name``; returns the class."""
 
     def decorator(cls):
         if name in _TASKS and _TASKS[name] is not cls:
@@ -44,6 +60,11 @@ def _import_tasks() -> None:
             importlib.import_module(f"{pkg.__name__}.{mod.name}")
 
 
+def list_tasks() -> list[str]:
+    _import_tasks()
+    return sorted(_TASKS)
+
+
 def get_task(name: str) -> type[Task]:
     _import_tasks()
     if name not in _TASKS:
@@ -53,15 +74,73 @@ def get_task(name: str) -> type[Task]:
     return _TASKS[name]
 
 
+# ---------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the driver knows when it builds the task.
+
+    ``config`` is the effective config (learning rate already scaled for the replicas);
+    ``start_epoch``/``start_step`` is where a resumed run continues: ``build_inputs``
+    returns a train stream that begins there. ``strategy`` is the ``tf.distribute``
+    strategy (for tasks that run a training phase of their own through ``loop.fit``)."""
+
+    config: ExperimentConfig
+    num_replicas: int = 1
+    start_epoch: int = 0
+    start_step: int = 0
+    run_dir: Path = Path(".")
+    chief: bool = True
+    strategy: Any = None
+
+
+@dataclass
+class DatasetInfo:
+    """What the model and the export need to know about the data (JSON-serialisable).
+
+    Each task subclasses it with its own fields; ``to_dict``/``from_dict`` round-trip it
+    through ``dataset_info.json``, from which ``deeptrends export`` rebuilds signatures."""
+
+    dataset: str = ""
+    num_train: int = 0
+    num_eval: int = 0
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
 @dataclass
 class Inputs:
     """A task's data: batched datasets and what the model and export need to know."""
 
-    train: Any  # tf.data.Dataset, repeating; ``steps_per_epoch`` batches make an epoch
+    train: Any  # tf.data.Dataset, repeating from the context's start; steps_per_epoch make an epoch
     eval: Any  # tf.data.Dataset, one pass
     steps_per_epoch: int
-    info: dict[str, Any]  # JSON-serialisable; saved with the run so exports can be rebuilt
+    info: DatasetInfo
+    check_batch: Any = None  # a real batch to compare the SavedModel with the Keras model on
     fingerprint: str = ""
+    data: Any = None  # what the task keeps of its data for evaluate (arrays, a corpus)
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` returns; the driver's tracker logs it.
+
+    ``metrics`` are logged as ``eval_<name>`` (the gate reads them by ``name``);
+    ``run_metrics`` as they are (e.g. ``num_params``); ``artifacts`` are writers called
+    with the run's artifact folder."""
+
+    metrics: dict[str, float]
+    run_metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Callable[[Path], Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -74,64 +153,91 @@ class Endpoint:
     check_inputs: list[Any] = field(default_factory=list)  # a batch to compare saved vs in-process
 
 
+@dataclass
+class Serving:
+    """The network that is logged and registered, and the signatures exported for it
+    (the first endpoint is ``serving_default``)."""
+
+    model: Any
+    endpoints: list[Endpoint]
+
+
+class NoOptions(BaseModel):
+    """A task without ``task_options``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_options(model: type[BaseModel], options: dict[str, Any], task: str) -> Any:
+    """``task_options`` validated by ``model``; errors name the option and what is accepted."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as err:
+        lines = [f"Invalid task_options for task {task!r}:"]
+        for e in err.errors():
+            path = "task_options." + ".".join(str(p) for p in e["loc"])
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = f"unknown option. Accepted: {', '.join(sorted(model.model_fields))}"
+            lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+# ---------------------------------------------------------------------- the interface
+
+
 class Task(abc.ABC):
-    """Base class. Subclasses implement the abstract parts; the rest has defaults."""
+    """Base class of the tasks. Subclasses set ``Options`` and implement the hooks."""
 
     name: ClassVar[str] = ""
-    metric_names: ClassVar[tuple[str, ...]] = ()  # what ``evaluate`` returns; the gate picks one
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    Info: ClassVar[type[DatasetInfo]] = DatasetInfo
 
-    # Whether ``build_inputs`` starts the train stream at ``start_epoch``/``start_step``
-    # (cheap resumption). Otherwise the driver skips the batches already trained on.
-    supports_start_position: ClassVar[bool] = False
+    def __init__(self, context: RunContext):
+        self.context = context
+        self.config = context.config
+        self.options = self.parse_options(context.config)
 
-    def __init__(self, config: ExperimentConfig):
-        self.config = config
-        # Set by the driver before ``build_inputs``: where a resumed run continues, and how
-        # many replicas share each global batch (drop partial batches when more than one).
-        self.start_epoch = 0
-        self.start_step = 0
-        self.num_replicas = 1
+    # -- config checks (class level: no data, no TensorFlow) ----------------------------
+    @classmethod
+    def parse_options(cls, config: ExperimentConfig):
+        return parse_options(cls.Options, config.task_options, cls.name)
 
-    # -- data and model -----------------------------------------------------------
+    @classmethod
+    def check(cls, config: ExperimentConfig, options) -> None:
+        """Cross-field rules of this task (raise ``ConfigError`` naming the field)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def metric_names(cls, config: ExperimentConfig, options) -> tuple[str, ...]:
+        """The metrics ``evaluate`` returns for this config (what the gate may pick)."""
+
+    # -- data and model -----------------------------------------------------------------
     @abc.abstractmethod
     def build_inputs(self) -> Inputs:
         """The batched train/eval datasets and the info the model and export need."""
 
     @abc.abstractmethod
-    def build_model(self, info: dict[str, Any]):
-        """The network, through ``models.create_model`` (called in the strategy scope)."""
+    def build_model(self, inputs: Inputs):
+        """The network (through ``models.create_model``), wrapped by a trainer where the
+        algorithm needs its own ``train_step``, and compiled. Called in the strategy scope."""
 
-    @abc.abstractmethod
-    def compile_model(self, model, inputs: Inputs) -> None:
-        """Compile with the task's optimizer, losses and metrics."""
-
-    def prepare_dataset(self, dataset):
-        """Adapt a batched dataset to the compiled model (e.g. labels for auxiliary heads)."""
-        return dataset
-
-    def callbacks(self, run_dir: Path, inputs: Inputs) -> list:
+    def callbacks(self, inputs: Inputs, run_dir: Path) -> list:
         """Task-specific Keras callbacks (sample grids, gradient norms...)."""
         return []
 
-    # -- evaluation and artifacts -----------------------------------------------------
+    # -- evaluation and serving ---------------------------------------------------------
     @abc.abstractmethod
-    def evaluate(self, model, inputs: Inputs) -> dict[str, float]:
-        """The task's metrics on the eval split (``metric_names``)."""
-
-    def write_artifacts(self, model, history: dict[str, list[float]], inputs: Inputs, out_dir: Path) -> None:
-        """Plots and tables beside the config in the run's artifact folder."""
-
-    # -- serving ------------------------------------------------------------------
-    def serving_model(self, model):
-        """The network that is logged, registered and exported (a training wrapper may differ)."""
-        return model
+    def evaluate(self, model, inputs: Inputs) -> Evaluation:
+        """The task's metrics on the eval split, its tags and its artifact writers."""
 
     @abc.abstractmethod
-    def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
-        """The serving signatures; the first is ``serving_default``."""
+    def serving(self, model, info: DatasetInfo, check_batch: Any = None) -> Serving:
+        """The model to log and the serving signatures to export."""
 
-    def check_batch(self, inputs: Inputs) -> Any:
-        """A real eval batch to compare the SavedModel with the Keras model on."""
-        for batch in inputs.eval.take(1):
-            return batch
-        return None
+
+def first_batch(dataset) -> Any:
+    """The first batch of a dataset (None when it is empty): the usual check batch."""
+    for batch in dataset.take(1):
+        return batch
+    return None

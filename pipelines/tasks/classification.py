@@ -26,7 +26,8 @@ import tensorflow as tf
 import models
 from data.images import Augment, ImageInputSpec, build_image_datasets, build_train_as_eval, preprocess_images
 from pipelines.optim import build_optimizer
-from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
+from pipelines.callbacks import TimeLimit
+from pipelines.tasks.base import Endpoint, Inputs, Task, parse_options, register_task
 
 
 def _main_output(outputs):
@@ -79,8 +80,6 @@ class ClassificationTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        from pipelines.tasks.generation import parse_options
-
         self.options = parse_options(ClassificationOptions, config.task_options, "classification")
         self.preprocessing = resolve_preprocessing(config)
         self._grad_norms = None
@@ -185,8 +184,6 @@ class ClassificationTask(Task):
         if self.options.target_accuracy:
             out.append(callbacks.EpochsToTarget(self.options.target_accuracy, chief=is_chief()))
         if self.options.max_train_minutes:
-            from pipelines.tasks.generation import TimeLimit
-
             out.append(TimeLimit(self.options.max_train_minutes * 60.0))
         return out
 

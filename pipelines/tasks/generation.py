@@ -3,7 +3,7 @@ trained through the shared driver, evaluated in nats and in LeNet-5 feature spac
 ``generate`` serving signatures.
 
 The model named in the config is built with ``models.create_model`` and wrapped in the
-``keras.Model`` whose ``train_step`` is its training algorithm (``pipelines.generative``).
+``keras.Model`` whose ``train_step`` is its training algorithm (``pipelines.trainers.generative``).
 Images come from the dataset catalog in [0, 1]; ``task_options.binarize`` thresholds
 them (at 0.5 for the Bernoulli models, as the configs say) for training and the
 likelihood evaluation, while the Fréchet distance always compares samples with the
@@ -25,12 +25,27 @@ from typing import Any
 
 import keras
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 import models
-from pipelines.config import ConfigError, ExperimentConfig, TrainConfig
-from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
-from pipelines.tasks.classification import ClassificationTask
+from pipelines.config import ConfigError, ExperimentConfig
+from data.arrays import batched, binarize, repeating_dataset
+from data.images import ImageInputSpec, load_image_arrays
+from pipelines.callbacks import TimeLimit
+from pipelines.tasks.base import Endpoint, Inputs, Task, parse_options, register_task
+
+
+def image_spec(config: ExperimentConfig) -> ImageInputSpec:
+    """The image data of a config, read as arrays (no batching or augmentation here)."""
+    return ImageInputSpec(
+        name=config.data.name,
+        batch_size=config.train.batch_size,
+        seed=config.runtime.seed,
+        data_dir=config.data.dir,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
+        options=config.data.options(),
+    )
 
 log = logging.getLogger(__name__)
 
@@ -81,99 +96,6 @@ class GenerationOptions(BaseModel):
     max_train_minutes: float | None = Field(
         None, gt=0.0, description="stop training after this wall time"
     )
-
-
-def parse_options(model: type[BaseModel], options: dict[str, Any], task: str) -> Any:
-    try:
-        return model.model_validate(options)
-    except ValidationError as err:
-        lines = [f"Invalid task_options for task {task!r}:"]
-        for e in err.errors():
-            path = "task_options." + ".".join(str(p) for p in e["loc"])
-            msg = e["msg"]
-            if e["type"] == "extra_forbidden":
-                msg = f"unknown option. Accepted: {', '.join(sorted(model.model_fields))}"
-            lines.append(f"  {path}: {msg} (got {e.get('input')!r})")
-        raise ConfigError("\n".join(lines)) from None
-
-
-# ------------------------------------------------------------------------------ data
-
-
-def load_arrays(config: ExperimentConfig) -> dict[str, Any]:
-    """The dataset's splits as preprocessed float arrays in [0, 1] (and labels)."""
-    import tensorflow as tf
-
-    from data.images import ImageInputSpec, load_raw, preprocess_images
-
-    spec = ImageInputSpec(
-        name=config.data.name,
-        batch_size=config.train.batch_size,
-        seed=config.runtime.seed,
-        data_dir=config.data.dir,
-        image_size=config.data.image_size,
-        channels=config.data.channels,
-        options=config.data.options(),
-    )
-    raw = load_raw(spec)
-    channels = config.data.channels or int(raw.image_shape[-1])
-
-    def arrays(ds):
-        xs, ys = [], []
-        for x, y in ds.batch(4096):
-            xs.append(preprocess_images(x, config.data.image_size, channels).numpy())
-            ys.append(y.numpy())
-        return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
-
-    train_x, train_y = arrays(raw.train)
-    test_x, test_y = arrays(raw.eval)
-    del tf
-    return {
-        "train": (train_x, train_y),
-        "test": (test_x, test_y),
-        "class_names": raw.class_names,
-        "fingerprint": raw.fingerprint,
-        "source": raw.source,
-        "raw_shape": list(raw.image_shape),
-    }
-
-
-def binarize(x: np.ndarray, threshold: float | None) -> np.ndarray:
-    return x if threshold is None else (x > threshold).astype(np.float32)
-
-
-def repeating_dataset(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, drop_remainder: bool = True
-):
-    """Epoch after epoch of ``(x, y)`` batches, each epoch a permutation keyed by
-    (seed, epoch) with a stateless generator (any seed, including 0, is reproducible)."""
-    import tensorflow as tf
-
-    xs, ys = tf.constant(x), tf.constant(y)
-    n = len(x)
-
-    def one_epoch(epoch):
-        key = tf.stack([tf.constant(seed, tf.int64), epoch])
-        order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
-        return tf.data.Dataset.from_tensor_slices(order).batch(
-            batch_size, drop_remainder=drop_remainder
-        )
-
-    return (
-        tf.data.Dataset.range(0, 2**31)
-        .flat_map(one_epoch)
-        .map(
-            lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        .prefetch(tf.data.AUTOTUNE)
-    )
-
-
-def batched(x: np.ndarray, y: np.ndarray, batch_size: int):
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 # ------------------------------------------------------------------------------ task
@@ -229,10 +151,10 @@ class GenerationTask(Task):
 
     # -- data -------------------------------------------------------------------------
     def build_inputs(self) -> Inputs:
-        from data.sources import stratified_split
+        from data.splits import stratified_split
 
         cfg, opts = self.config, self.options
-        arrays = load_arrays(cfg)
+        arrays = load_image_arrays(image_spec(cfg))
         x, y = arrays["train"]
         if opts.validation_size >= len(x):
             raise ConfigError(
@@ -284,7 +206,7 @@ class GenerationTask(Task):
         return models.create_model(self.config.model.name, **kwargs)
 
     def build_model(self, info: dict[str, Any]):
-        from pipelines import generative as gen
+        from pipelines.trainers import generative as gen
 
         network = self.build_network(info)
         seed = self.config.runtime.seed
@@ -309,6 +231,7 @@ class GenerationTask(Task):
 
     def compile_model(self, model, inputs: Inputs) -> None:
         from pipelines.optim import build_optimizer
+        from pipelines.trainers import generative as gen
 
         train, steps, jit = (
             self.config.train,
@@ -316,7 +239,7 @@ class GenerationTask(Task):
             self.config.runtime.jit_compile,
         )
         if self.family == "rbm":
-            init_visible_bias(model.rbms[0], self.arrays["fit"][0])
+            gen.init_visible_bias(model.rbms[0], self.arrays["fit"][0])
             # each RBM's optimizer, and so its learning-rate schedule, spans its own epochs
             model.compile(
                 [
@@ -347,7 +270,7 @@ class GenerationTask(Task):
         return epochs
 
     def callbacks(self, run_dir: Path, inputs: Inputs) -> list:
-        from pipelines import generative as gen
+        from pipelines.trainers import generative as gen
 
         out = []
         if self.family == "rbm":
@@ -370,7 +293,7 @@ class GenerationTask(Task):
         """``n`` images in [0, 1]; GAN/VAE/DRAW image ``i`` is that of seed ``seed + i``."""
         import tensorflow as tf
 
-        from pipelines import generative as gen
+        from pipelines.trainers import generative as gen
 
         if self.family == "rbm":
             return gen.rbm_generate_batch(network, n, seed, self.options.gibbs_steps, batch)
@@ -384,7 +307,7 @@ class GenerationTask(Task):
 
     # -- evaluation ---------------------------------------------------------------------
     def feature_classifier(self):
-        from pipelines import generative_eval as ev
+        from pipelines.evaluation import sample_quality as ev
 
         if self._classifier is None:
             arrays, opts = self.arrays, self.options
@@ -411,8 +334,8 @@ class GenerationTask(Task):
     def evaluate(self, model, inputs: Inputs) -> dict[str, float]:
         import tensorflow as tf
 
-        from pipelines import generative as gen
-        from pipelines import generative_eval as ev
+        from pipelines.trainers import generative as gen
+        from pipelines.evaluation import sample_quality as ev
 
         opts, arrays = self.options, self.arrays
         network = model.network
@@ -484,7 +407,7 @@ class GenerationTask(Task):
             log.warning("could not tag the FID classifier: %s", exc)
 
     def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
-        from pipelines import generative_eval as ev
+        from pipelines.evaluation import sample_quality as ev
         from pipelines import plots
 
         plots.learning_curves(history, out_dir / "learning_curves.png", title=self.config.name)
@@ -516,7 +439,7 @@ class GenerationTask(Task):
     def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
         import tensorflow as tf
 
-        from pipelines import generative as gen
+        from pipelines.trainers import generative as gen
 
         family = info.get("family", self.family)
         seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
@@ -571,15 +494,8 @@ class GenerationTask(Task):
         return eps
 
 
-def init_visible_bias(rbm, x: np.ndarray) -> None:
-    """Hinton's "practical guide" initialisation: ``b_i = log(p_i / (1 - p_i))`` of the
-    training data's pixel means."""
-    p = np.clip(x.reshape(len(x), -1).mean(0), 1e-3, 1 - 1e-3)
-    rbm.visible_bias.assign(np.log(p / (1 - p)).astype(np.float32))
-
-
 def write_rbm_artifacts(model, test_x: np.ndarray, out_dir: Path) -> None:
-    from pipelines import generative_eval as ev
+    from pipelines.evaluation import sample_quality as ev
 
     first = model.rbms[0]
     shape = test_x.shape[1:]
@@ -601,8 +517,8 @@ def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None
     """Interpolations, vector arithmetic and (VAE/DRAW) reconstructions; DRAW's canvas GIF."""
     import tensorflow as tf
 
-    from pipelines import generative as gen
-    from pipelines import generative_eval as ev
+    from pipelines.trainers import generative as gen
+    from pipelines.evaluation import sample_quality as ev
 
     family = task.family
     shape = gen.latent_shape(family, network)
@@ -667,39 +583,6 @@ def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None
         ev.save_canvas_gif(canvases, out_dir / "canvas.gif", columns=8, scale=2)
 
 
-class TimeLimit(keras.callbacks.Callback):
-    """Stop training at the first batch end after ``seconds`` of wall time. With
-    ``restore_best`` (likelihood models), the weights of the epoch with the lowest
-    ``val_loss`` are restored when the limit stopped training."""
-
-    def __init__(self, seconds: float, restore_best: bool = False):
-        super().__init__()
-        self.seconds = seconds
-        self.restore_best = restore_best
-        self.best, self.best_weights, self.stopped = float("inf"), None, False
-
-    def on_train_begin(self, logs=None):
-        import time
-
-        self.start = time.monotonic()
-
-    def on_train_batch_end(self, batch, logs=None):
-        import time
-
-        if time.monotonic() - self.start > self.seconds:
-            self.model.stop_training = True
-            self.stopped = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get("val_loss")
-        if self.restore_best and value is not None and float(value) < self.best:
-            self.best, self.best_weights = float(value), self.model.network.get_weights()
-
-    def on_train_end(self, logs=None):
-        if self.stopped and self.best_weights is not None:
-            self.model.network.set_weights(self.best_weights)
-
-
 class SampleGrids(keras.callbacks.Callback):
     """A grid of samples from fixed seeds every ``every`` epochs, into ``folder``."""
 
@@ -708,134 +591,9 @@ class SampleGrids(keras.callbacks.Callback):
         self.task, self.folder, self.every, self.count = task, folder, every, count
 
     def on_epoch_end(self, epoch, logs=None):
-        from pipelines import generative_eval as ev
+        from pipelines.evaluation import sample_quality as ev
 
         if (epoch + 1) % self.every:
             return
         images = self.task.sample(self.model.network, self.count, seed=0, batch=self.count)
         ev.save_grid(images, self.folder / f"epoch_{epoch + 1:03d}.png")
-
-
-# ------------------------------------------------------------------ DBN classification
-
-
-class DBNOptions(BaseModel):
-    """``task_options`` of ``dbn_classification``."""
-
-    model_config = ConfigDict(extra="forbid")
-    pretrained: str | None = Field(
-        None, description="models:/NAME@ALIAS or a .keras DBN; default: pre-train here"
-    )
-    epochs_per_layer: list[int] = Field(
-        [5, 5, 5], description="greedy pre-training epochs of each RBM"
-    )
-    cd_k: int = Field(1, ge=1)
-    persistent: bool = False
-    binarize: float | None = Field(0.5, gt=0.0, lt=1.0)
-    learning_rate: float = Field(0.05, gt=0.0, description="pre-training SGD learning rate")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    batch_size: int = Field(64, ge=1)
-
-
-@register_task("dbn_classification")
-class DBNClassificationTask(ClassificationTask):
-    """Classification with a ``dbn_classifier`` whose layers start from a DBN pre-trained
-    greedily with contrastive divergence (Hinton, Osindero & Teh 2006; fine-tuning by
-    backpropagation as in Hinton & Salakhutdinov 2006)."""
-
-    def __init__(self, config: ExperimentConfig):
-        # The pre-training options are this task's; the rest go to the classification task.
-        own = set(DBNOptions.model_fields)
-        rest = {k: v for k, v in config.task_options.items() if k not in own}
-        try:
-            super().__init__(config.model_copy(update={"task_options": rest}))
-        except ConfigError as exc:
-            accepted = ", ".join(sorted(own))
-            raise ConfigError(f"{exc}\n  (dbn_classification also accepts: {accepted})") from None
-        self.config = config
-        if config.model.name != "dbn_classifier":
-            raise ConfigError(
-                "model.name: task 'dbn_classification' fine-tunes 'dbn_classifier'; "
-                f"received {config.model.name!r}."
-            )
-        mine = {k: v for k, v in config.task_options.items() if k in own}
-        self.dbn_options: DBNOptions = parse_options(DBNOptions, mine, "dbn_classification")
-        self.pretraining: dict[str, Any] = {}
-
-    def build_model(self, info: dict[str, Any]):
-        from models.rbm import load_dbn_weights
-
-        classifier = super().build_model(info)
-        dbn = self.pretrained_dbn(info)
-        copied = load_dbn_weights(classifier, dbn)
-        self.pretraining["layers_copied"] = copied
-        return classifier
-
-    def pretrained_dbn(self, info: dict[str, Any]):
-        import keras
-
-        opts = self.dbn_options
-        units = self.config.model.kwargs().get("hidden_units", [500, 500, 2000])
-        if opts.pretrained:
-            if opts.pretrained.startswith("models:/"):
-                import mlflow
-
-                dbn = mlflow.keras.load_model(opts.pretrained)
-            else:
-                dbn = keras.saving.load_model(opts.pretrained)
-            self.pretraining = {"kind": "loaded", "uri": opts.pretrained}
-            return dbn
-        from pipelines import generative as gen
-        from pipelines.optim import build_optimizer
-
-        arrays = load_arrays(self.config)
-        x, y = arrays["train"]
-        x = binarize(x, opts.binarize)
-        dbn = models.create_model(
-            "dbn", input_shape=tuple(info["image_shape"]), hidden_units=list(units)
-        )
-        trainer = gen.RBMTrainer(
-            dbn,
-            cd_k=opts.cd_k,
-            persistent=opts.persistent,
-            batch_size=opts.batch_size,
-            seed=self.config.runtime.seed,
-        )
-        layers = len(trainer.rbms)
-        if len(opts.epochs_per_layer) != layers:
-            raise ConfigError(
-                f"task_options.epochs_per_layer: {len(opts.epochs_per_layer)} entries "
-                f"for {layers} RBMs."
-            )
-        init_visible_bias(trainer.rbms[0], x)
-        train_cfg = TrainConfig.model_validate(
-            {
-                "learning_rate": opts.learning_rate,
-                "optimizer": {"name": "sgd", "momentum": opts.momentum},
-                "batch_size": opts.batch_size,
-            }
-        )
-        steps = len(x) // opts.batch_size
-        trainer.compile([build_optimizer(train_cfg, steps) for _ in range(layers)])
-        schedule = gen.GreedyLayerSchedule(opts.epochs_per_layer)
-        hist = trainer.fit(
-            repeating_dataset(x, y, opts.batch_size, self.config.runtime.seed),
-            epochs=sum(opts.epochs_per_layer),
-            steps_per_epoch=steps,
-            callbacks=[schedule],
-            verbose=self.config.train.verbose,
-        )
-        self.pretraining = {
-            "kind": "pretrained_in_run",
-            "epochs_per_layer": opts.epochs_per_layer,
-            "cd_k": opts.cd_k,
-            "persistent": opts.persistent,
-            "binarize": opts.binarize,
-            "learning_rate": opts.learning_rate,
-            "final_recon_error": float(hist.history["recon_error"][-1]),
-        }
-        return dbn
-
-    def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
-        super().write_artifacts(model, history, inputs, out_dir)
-        (out_dir / "pretraining.json").write_text(json.dumps(self.pretraining, indent=2))

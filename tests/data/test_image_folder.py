@@ -20,7 +20,7 @@ from data.images import (  # noqa: E402
     preprocess_images,
     random_crop_images,
 )
-from data.sources import DataError  # noqa: E402
+from data.splits import DataError  # noqa: E402
 
 
 def _write(path, size, colour, fmt="png"):
@@ -100,7 +100,7 @@ def test_image_folder_bad_input(tmp_path, folder):
 
 
 def test_tfds_name_reads_a_prepared_dataset(tfds_dir):
-    from data.sources import DeeptrendsDigits
+    from data.arrays import DeeptrendsDigits
 
     DeeptrendsDigits(data_dir=tfds_dir).download_and_prepare()  # a tiny locally built TFDS dataset
     spec = ImageInputSpec(

@@ -12,7 +12,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from data.images import Augment, ImageInputSpec, build_image_datasets, preprocess_images  # noqa: E402
-from data.sources import DataError, read_idx, read_mnist_idx  # noqa: E402
+from data.arrays import read_idx, read_mnist_idx
+from data.splits import DataError  # noqa: E402
 
 
 def _batches(ds, n):

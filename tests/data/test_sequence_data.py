@@ -9,7 +9,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from data.sequences import _chunks, generate_adding, load_generated, load_text_lm  # noqa: E402
-from data.sources import DataError  # noqa: E402
+from data.splits import DataError  # noqa: E402
 from data.translation import (  # noqa: E402
     build_translation_datasets,
     detokenize,

@@ -82,7 +82,7 @@ def test_run_is_tracked(workspace, first_run):
 
 
 def first_run_fingerprint():
-    from data.sources import load_digits
+    from data.arrays import load_digits
 
     return load_digits().fingerprint
 
@@ -127,7 +127,7 @@ def test_export_loads_and_matches(workspace, first_run):
     np.testing.assert_array_equal(out["classes"].numpy(), out["top5_classes"].numpy()[:, 0])
 
     # image_bytes: PNGs decoded and preprocessed in-graph like the training pipeline
-    from data.sources import load_digits
+    from data.arrays import load_digits
 
     raw = load_digits()
     for img, _ in raw.eval.take(1):
@@ -155,7 +155,7 @@ def test_saved_model_cli_lists_both_signatures(first_run):
 
 
 def test_reexport_registered_version(workspace, first_run):
-    from pipelines.reexport import export_registered
+    from pipelines.serving.reexport import export_registered
 
     path = export_registered("models:/lenet5-digits@champion", workspace["root"] / "reexport", workspace["uri"])
     assert path == workspace["root"] / "reexport" / "lenet5-digits" / "1"
@@ -169,7 +169,7 @@ def test_generative_run_scores_in_the_registered_lenet5_and_reexports(workspace,
     """``task_options.fid_classifier=models:/lenet5-digits@champion``: the GAN's Fréchet
     distance is taken in the registered classifier's F6 space and its version is tagged on
     the run; ``deeptrends export`` rebuilds the generator's signatures from the registry."""
-    from pipelines.reexport import export_registered
+    from pipelines.serving.reexport import export_registered
 
     root = workspace["root"]
     summary = run_experiment(load_config("gan-digits", [

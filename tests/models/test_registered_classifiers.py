@@ -35,7 +35,7 @@ def task():
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_train_save_reload_export(name, tmp_path, task):
-    from pipelines.export import write_saved_model
+    from pipelines.serving.export import write_saved_model
 
     keras.utils.set_random_seed(0)
     shape = (32, 32, CHANNELS.get(name, 3))

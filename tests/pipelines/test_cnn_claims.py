@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import CONFIG_DIR, ConfigError, load_config, validate_config
+from pipelines.config import ConfigError, load_config, shipped_config_paths, validate_config
 from pipelines.variants import load_runs
 
 CLAIMS = {
@@ -161,7 +161,7 @@ def test_epochs_to_target_and_chief_only(tracking):
 
 def test_compare_overlays_curves_and_logs_the_plot(tracking, tmp_path):
     import mlflow
-    from pipelines.compare import COMPARE_TAG, compare
+    from pipelines.reports.compare import COMPARE_TAG, compare
 
     mlflow.set_experiment("claim-x")
     for name, scale in (("relu", 1.0), ("sigmoid", 2.0)):
@@ -204,7 +204,7 @@ def test_bench_runs_with_a_tiny_budget(tmp_path, capsys):
     pytest.importorskip("tensorflow")
     import json
 
-    from pipelines.bench import bench
+    from pipelines.reports.bench import bench
 
     report = bench(
         ["vgg16"],
@@ -268,7 +268,7 @@ def test_claim_run_logs_gradient_norms_and_gap(tmp_path, tfds_dir, tracking, mon
 
 
 def test_shipped_configs_dir_has_the_issue_names():
-    names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    names = set(shipped_config_paths())
     assert {"resnet18-mnist", "vgg11-mnist", *CLAIMS} <= names
 
 

@@ -16,8 +16,8 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from pipelines.config import ConfigError, load_config  # noqa: E402
-from pipelines.export import write_saved_model  # noqa: E402
-from pipelines.generative_eval import (  # noqa: E402
+from pipelines.serving.export import write_saved_model  # noqa: E402
+from pipelines.evaluation.sample_quality import (  # noqa: E402
     frechet_distance,
     interpolate,
     latent_arithmetic,
@@ -341,7 +341,7 @@ def test_frechet_distance():
 
 
 def test_relative_distance_places_fid_between_floor_and_ceiling():
-    from pipelines.generative_eval import relative_distance
+    from pipelines.evaluation.sample_quality import relative_distance
 
     assert relative_distance(4.7, 4.7, 2863.0) == 0.0
     assert relative_distance(2863.0, 4.7, 2863.0) == 1.0

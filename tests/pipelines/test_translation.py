@@ -116,7 +116,7 @@ def test_beam_width_one_is_greedy(trained):
 
 
 def test_saved_model_equals_in_process_decode(trained, tmp_path):
-    from pipelines.export import write_saved_model
+    from pipelines.serving.export import write_saved_model
 
     task, inputs, model = trained
     task._info_for_serving = inputs.info

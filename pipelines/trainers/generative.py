@@ -87,6 +87,13 @@ class GenerativeTrainer(keras.Model):
 # ------------------------------------------------------------------------- RBM / DBN
 
 
+def init_visible_bias(rbm, x: np.ndarray) -> None:
+    """Hinton's "practical guide" initialisation: ``b_i = log(p_i / (1 - p_i))`` of the
+    training data's pixel means."""
+    p = np.clip(x.reshape(len(x), -1).mean(0), 1e-3, 1 - 1e-3)
+    rbm.visible_bias.assign(np.log(p / (1 - p)).astype(np.float32))
+
+
 class RBMTrainer(GenerativeTrainer):
     """CD-k / PCD-k for each RBM of an ``rbm`` or ``dbn`` network, trained greedily.
 

@@ -24,7 +24,8 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
     import yaml
     from mlflow import MlflowClient
 
-    from pipelines import export, optim, runtime  # noqa: F401  (optim: custom schedules reload)
+    from pipelines import optim, runtime  # noqa: F401  (optim: custom schedules reload)
+    from pipelines.serving import export
     from pipelines.tasks.base import get_task
     from pipelines.tracking import DEFAULT_URI
 

@@ -1,4 +1,4 @@
-"""Raw sources read through TFDS: the bundled digits and MNIST.
+"""Array datasets read through TFDS: the bundled digits and MNIST.
 
 Two local TFDS builders turn the offline data into TFDS datasets (prepared once, then
 read like any TFDS name): ``deeptrends_digits`` from scikit-learn's bundled digits and
@@ -9,9 +9,7 @@ the raw splits (uint8 images, int64 labels) and what the pipeline needs to know.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,43 +17,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data.catalog import default_tfds_dir, source_root
+from data.splits import SPLIT_SEED, DataError, RawSplits, fingerprint_arrays, stratified_split
 
-SPLIT_SEED = 20240
 MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file and what was expected."""
-
-
-@dataclass
-class RawSplits:
-    """The raw train/eval splits of a dataset plus its description."""
-
-    train: tf.data.Dataset
-    eval: tf.data.Dataset
-    num_train: int
-    num_eval: int
-    image_shape: tuple[int, int, int]
-    class_names: list[str]
-    fingerprint: str
-    source: str
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def stratified_split(labels: np.ndarray, test_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a seeded, stratified train/test split."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=test_size, stratify=labels, random_state=seed, shuffle=True
-    )
-    return np.sort(train_idx), np.sort(test_idx)
 
 
 # ---------------------------------------------------------------- idx (MNIST) files
@@ -86,13 +50,6 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
             f"({'x'.join(map(str, dims))})"
         )
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-
-
-def _fingerprint(*arrays: np.ndarray, salt: str = "") -> str:
-    h = hashlib.sha256(salt.encode())
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- TFDS builders
@@ -219,7 +176,7 @@ def load_digits(data_dir: str | None = None) -> RawSplits:
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    fingerprint = _fingerprint(bunch.images, bunch.target, salt=f"digits/{SPLIT_SEED}")
+    fingerprint = fingerprint_arrays(bunch.images, bunch.target, salt=f"digits/{SPLIT_SEED}")
     builder = DeeptrendsDigits(data_dir=data_dir or default_tfds_dir())
     return _from_builder(builder, "train", "test", fingerprint, "tfds:deeptrends_digits")
 
@@ -243,6 +200,43 @@ def load_mnist(data_dir: str | None = None, source: str = "auto") -> RawSplits:
         if source == "tfds":
             raise DataError(f"TFDS 'mnist' is not prepared under {data_dir} (no network to download it).")
     images, labels = read_mnist_idx()
-    fingerprint = _fingerprint(images, labels, salt=f"mnist_test/{SPLIT_SEED}")
+    fingerprint = fingerprint_arrays(images, labels, salt=f"mnist_test/{SPLIT_SEED}")
     builder = DeeptrendsMnistTest(source_dir=mnist_source_dir(), data_dir=data_dir)
     return _from_builder(builder, "train", "test", fingerprint, "tfds:deeptrends_mnist_test")
+
+
+# ---------------------------------------------------------------- arrays as tf.data
+
+
+def binarize(x: np.ndarray, threshold: float | None) -> np.ndarray:
+    return x if threshold is None else (x > threshold).astype(np.float32)
+
+
+def repeating_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, drop_remainder: bool = True
+):
+    """Epoch after epoch of ``(x, y)`` batches, each epoch a permutation keyed by
+    (seed, epoch) with a stateless generator (any seed, including 0, is reproducible)."""
+    xs, ys = tf.constant(x), tf.constant(y)
+    n = len(x)
+
+    def one_epoch(epoch):
+        key = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
+        return tf.data.Dataset.from_tensor_slices(order).batch(
+            batch_size, drop_remainder=drop_remainder
+        )
+
+    return (
+        tf.data.Dataset.range(0, 2**31)
+        .flat_map(one_epoch)
+        .map(
+            lambda idx: (tf.gather(xs, idx), tf.gather(ys, idx)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def batched(x: np.ndarray, y: np.ndarray, batch_size: int):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
