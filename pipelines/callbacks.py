@@ -1,8 +1,10 @@
-"""Keras callbacks for the claim experiments: per-layer gradient norms (vanishing
-gradients, Glorot & Bengio 2010) and epochs to a target accuracy (Ioffe & Szegedy 2015).
+"""Keras callbacks shared by the tasks: per-layer gradient norms (vanishing gradients,
+Glorot & Bengio 2010), epochs to a target accuracy (Ioffe & Szegedy 2015), a wall-time
+limit, and the history recorder of the resume slot.
 
-Both log to the active MLflow run from the chief only, every value of one moment in one
-``log_metrics`` call, and keep what they measured on the callback for artifacts and tests.
+The measuring callbacks hand what they measure to a ``sink(metrics, step)`` (the run
+tracker's, from ``RunContext.log_metrics``; None logs nothing), every value of one moment
+in one call, and keep it on the callback for artifacts and tests. They never import MLflow.
 """
 
 from __future__ import annotations
@@ -12,15 +14,6 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
-
-
-def _mlflow_run():
-    """The active MLflow run, or None (tracking off, or not the chief's process)."""
-    try:
-        import mlflow
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        return None
-    return mlflow if mlflow.active_run() is not None else None
 
 
 def layer_of(variable) -> str:
@@ -41,18 +34,21 @@ class GradientNorms(keras.callbacks.Callback):
     Args:
         batch: tuple. ``(images, labels)`` as the compiled model's loss expects them.
         every_steps: int. Steps between measurements.
-        chief: bool. Whether this process logs (only the chief of a multi-worker job).
+        sink: callable or None. ``sink(metrics, step)`` receives each measurement.
         prefix: str. The metric name prefix.
+        plot_path: path or None. Where ``plot`` draws the norms when training ends.
     """
 
-    def __init__(self, batch, every_steps: int = 50, chief: bool = True, prefix: str = "grad_norm"):
+    def __init__(self, batch, every_steps: int = 50, sink=None, prefix: str = "grad_norm",
+                 plot_path=None):
         super().__init__()
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1. Received: every_steps={every_steps!r}")
         self.batch = batch
         self.every_steps = int(every_steps)
-        self.chief = chief
+        self.sink = sink
         self.prefix = prefix
+        self.plot_path = plot_path
         self.records: list[tuple[int, dict[str, float]]] = []  # (step, {layer: norm})
         self._step = 0
         self._fn = None
@@ -86,11 +82,9 @@ class GradientNorms(keras.callbacks.Callback):
     def _measure(self) -> None:
         norms = self._compute()
         self.records.append((self._step, norms))
-        run = _mlflow_run() if self.chief else None
-        if run is not None:
-            metrics = {f"{self.prefix}/{k}": v for k, v in norms.items() if math.isfinite(v)}
-            if metrics:
-                run.log_metrics(metrics, step=self._step)
+        metrics = {f"{self.prefix}/{k}": v for k, v in norms.items() if math.isfinite(v)}
+        if self.sink is not None and metrics:
+            self.sink(metrics, self._step)
 
     def on_train_begin(self, logs=None):
         self._measure()
@@ -99,6 +93,13 @@ class GradientNorms(keras.callbacks.Callback):
         self._step += 1
         if self._step % self.every_steps == 0:
             self._measure()
+
+    def on_train_end(self, logs=None):
+        if self.plot_path is not None:
+            from pathlib import Path
+
+            Path(self.plot_path).parent.mkdir(parents=True, exist_ok=True)
+            self.plot(self.plot_path)
 
     def plot(self, path) -> None:
         """Gradient norm per layer (x: depth), one line per measurement, log scale."""
@@ -138,28 +139,26 @@ class EpochsToTarget(keras.callbacks.Callback):
     Args:
         target: float. The accuracy to reach.
         monitor: str. The epoch log to watch (``val_accuracy``: eval accuracy).
-        chief: bool. Whether this process logs.
+        sink: callable or None. ``sink(metrics, step)`` receives the values.
     """
 
-    def __init__(self, target: float, monitor: str = "val_accuracy", chief: bool = True):
+    def __init__(self, target: float, monitor: str = "val_accuracy", sink=None):
         super().__init__()
         self.target = float(target)
         self.monitor = monitor
-        self.chief = chief
+        self.sink = sink
         self.epoch: int | None = None
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if self.epoch is None and value is not None and float(value) >= self.target:
             self.epoch = epoch + 1
-            run = _mlflow_run() if self.chief else None
-            if run is not None:
-                run.log_metrics({"epochs_to_target": float(self.epoch)}, step=self.epoch)
+            if self.sink is not None:
+                self.sink({"epochs_to_target": float(self.epoch)}, self.epoch)
 
     def on_train_end(self, logs=None):
-        run = _mlflow_run() if self.chief else None
-        if run is not None:
-            run.log_metrics({"reached_target": 1.0 if self.epoch is not None else 0.0})
+        if self.sink is not None:
+            self.sink({"reached_target": 1.0 if self.epoch is not None else 0.0}, None)
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -193,3 +192,62 @@ class TimeLimit(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.stopped and self.best_weights is not None:
             self.model.network.set_weights(self.best_weights)
+
+
+class HistoryRecorder(keras.callbacks.Callback):
+    """Appends every epoch's logs to ``history`` (a resumed run's earlier epochs already in
+    it) and hands the whole history to ``save`` (the resume slot) after each epoch."""
+
+    def __init__(self, history: dict[str, list[float]], save=None):
+        super().__init__()
+        self.history, self.save = history, save
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        if self.save is not None:
+            self.save(self.history)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds of every training epoch (first to last training batch, without validation),
+    appended to ``seconds`` (a list the caller keeps), for same-budget comparisons."""
+
+    def __init__(self, seconds: list[float] | None = None):
+        super().__init__()
+        self.seconds: list[float] = [] if seconds is None else seconds
+        self._start = self._last = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import time
+
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        import time
+
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(self._last - self._start)
+
+
+def reset_recurrent_states(model) -> None:
+    """Reset the state of every stateful recurrent layer of ``model``."""
+    for layer in model.layers:
+        if getattr(layer, "stateful", False) and hasattr(layer, "reset_states"):
+            layer.reset_states()
+
+
+class ResetStates(keras.callbacks.Callback):
+    """Truncated BPTT over a stateful model: a fresh state at the start of every epoch
+    and before and after every evaluation."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        reset_recurrent_states(self.model)
+
+    def on_test_begin(self, logs=None):
+        reset_recurrent_states(self.model)
+
+    def on_test_end(self, logs=None):
+        reset_recurrent_states(self.model)

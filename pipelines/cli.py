@@ -11,11 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+from pipelines.io import print_table, write_text_atomic
 
 
 def cmd_configs(args) -> int:
@@ -26,7 +22,7 @@ def cmd_configs(args) -> int:
         raw = read_yaml(path)
         rows.append((name, raw.get("task", ""), (raw.get("model") or {}).get("name", ""),
                      (raw.get("data") or {}).get("name", ""), raw.get("description", "")))
-    _print_table(rows, ("config", "task", "model", "data", "description"))
+    print_table(rows, ("config", "task", "model", "data", "description"))
     return 0
 
 
@@ -45,7 +41,7 @@ def cmd_datasets(args) -> int:
     for name in data.list_datasets():
         e = data.get_dataset(name)
         rows.append((name, e.kind, e.shard_policy, ", ".join(f"{k}={v}" for k, v in e.options.items()), e.description))
-    _print_table(rows, ("dataset", "kind", "shard", "options", "description"))
+    print_table(rows, ("dataset", "kind", "shard", "options", "description"))
     return 0
 
 
@@ -53,11 +49,7 @@ def _summary_out(summary: dict, output_json: str | None) -> None:
     text = json.dumps(summary, indent=2, sort_keys=True)
     print(text)
     if output_json:
-        path = Path(output_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        write_text_atomic(output_json, text + "\n")
 
 
 def cmd_train(args) -> int:

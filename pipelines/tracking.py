@@ -1,6 +1,9 @@
-"""MLflow: the tracking URI, run parameters and tags, per-epoch metrics as one Keras
-callback (chief only, one ``log_metrics`` call per epoch), model logging, registration
-and the champion/challenger quality gate on registry aliases."""
+"""MLflow, written from one place: ``RunTracker`` starts (or resumes) a run, logs its
+parameters, tags, per-epoch metrics (one Keras callback, one ``log_metrics`` call per
+epoch), evaluation and artifacts, logs and registers the model, applies the
+champion/challenger quality gate on registry aliases, and ends the run FINISHED, FAILED
+or KILLED by what ended it. Nothing else in ``pipelines/`` writes to MLflow (a test holds
+it); reports read from it."""
 
 from __future__ import annotations
 
@@ -21,8 +24,13 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI: the one given, else ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_URI``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
 def tracking_uri(config: ExperimentConfig) -> str:
-    return config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return resolve_uri(config.tracking.uri)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,14 +88,7 @@ def log_params(params: dict[str, Any]) -> None:
 class MlflowMetrics(keras.callbacks.Callback):
     """Logs every epoch's metrics (and the learning rate) in one ``log_metrics`` call."""
 
-    def __init__(self, chief: bool = True, step_offset: int = 0):
-        super().__init__()
-        self.chief = chief
-        self.step_offset = step_offset
-
     def on_epoch_end(self, epoch, logs=None):
-        if not self.chief:
-            return
         metrics = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
         opt = getattr(self.model, "optimizer", None)
         if opt is not None and "learning_rate" not in metrics:
@@ -96,7 +97,7 @@ class MlflowMetrics(keras.callbacks.Callback):
             except (TypeError, ValueError):
                 pass
         if metrics:
-            mlflow.log_metrics(metrics, step=epoch + 1 + self.step_offset)
+            mlflow.log_metrics(metrics, step=epoch + 1)
 
 
 def _is_number(v: Any) -> bool:
@@ -167,3 +168,124 @@ def versions_with_aliases(client: MlflowClient, name: str) -> dict[str, int]:
         except mlflow.exceptions.MlflowException:
             pass
     return labels
+
+
+# ---------------------------------------------------------------------- the run tracker
+
+
+class RunTracker:
+    """The MLflow run of one training command (chief only; a no-op where disabled).
+
+    As a context manager it starts the run (or resumes ``run_id``) and ends it by what
+    ended the block: no exception -> FINISHED; ``Preempted`` (SIGTERM) -> KILLED with tag
+    ``deeptrends.interrupted``; ``KeyboardInterrupt`` -> KILLED; anything else -> FAILED.
+    The exception propagates."""
+
+    def __init__(self, config: ExperimentConfig, enabled: bool = True, run_id: str | None = None):
+        self.config = config
+        self.enabled = enabled and config.tracking.enabled
+        self._resume_id = run_id
+        self.run_id: str | None = run_id
+        self._client: MlflowClient | None = None
+
+    # -- life cycle ---------------------------------------------------------------------
+    def __enter__(self) -> RunTracker:
+        if self.enabled:
+            mlflow.set_tracking_uri(tracking_uri(self.config))
+            mlflow.set_experiment(self.config.experiment_name)
+            if self._resume_id:
+                run = mlflow.start_run(run_id=self._resume_id)
+            else:
+                run = mlflow.start_run(run_name=self.config.tracking.run_name)
+            self.run_id = run.info.run_id
+            self._client = MlflowClient()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.enabled and mlflow.active_run() is not None:
+            status = end_status(exc)
+            if status == "KILLED" and not isinstance(exc, KeyboardInterrupt):
+                mlflow.set_tag("deeptrends.interrupted", str(exc))
+            mlflow.end_run(status)
+        return False
+
+    # -- run data -------------------------------------------------------------------------
+    def log_start(self, params: dict[str, Any], tags: dict[str, str], resumed_at: str | None):
+        """Parameters and tags of a new run; only the resumption tag of a resumed one."""
+        if not self.enabled:
+            return
+        if resumed_at:
+            mlflow.set_tag("deeptrends.resumed_at", resumed_at)
+            return
+        log_params(params)
+        mlflow.set_tags(
+            {
+                "git.commit": git_commit() or "none",
+                **{f"version.{k}": v for k, v in package_versions().items()},
+                **tags,
+                **self.config.tracking.tags,
+            }
+        )
+
+    def callbacks(self) -> list:
+        return [MlflowMetrics()] if self.enabled else []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled and metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    @property
+    def sink(self):
+        """``log_metrics`` for callbacks (None when this process tracks nothing)."""
+        return self.log_metrics if self.enabled else None
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled and tags:
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifacts(self, folder: Path) -> None:
+        if self.enabled:
+            mlflow.log_artifacts(str(folder))
+
+    # -- registry -------------------------------------------------------------------------
+    @property
+    def registers(self) -> bool:
+        return self.enabled and self.config.tracking.log_model
+
+    def register(self, model) -> str | None:
+        """Log ``model`` as the run's ``model`` artifact and register a new version of the
+        config's registered model; returns the version (None when not registering)."""
+        if not self.registers:
+            return None
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            pip_requirements=pip_requirements(),
+            registered_model_name=self.config.registered_model_name,
+        )
+        return str(info.registered_model_version)
+
+    def delete_version(self, version: str) -> None:
+        if self.registers and self._client is not None:
+            self._client.delete_model_version(self.config.registered_model_name, version)
+
+    def gate(self, version: str, value: float) -> GateDecision:
+        name, client = self.config.registered_model_name, self._client
+        decision = gate(client, name, version, value, self.config.tracking.gate)
+        self.set_tags({"registry.version": version, "registry.alias": decision.alias})
+        return decision
+
+    def aliases(self, version: str) -> list[str]:
+        return aliases_of(self._client, self.config.registered_model_name, version)
+
+    def served_labels(self) -> dict[str, int]:
+        return versions_with_aliases(self._client, self.config.registered_model_name)
+
+
+def end_status(exc: BaseException | None) -> str:
+    """The MLflow status of a run that ended with ``exc`` (None: it finished)."""
+    if exc is None:
+        return "FINISHED"
+    from pipelines.loop import Preempted
+
+    return "KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED"

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from pipelines.io import print_table, write_text_atomic
 
 PAIRS = {
     "resnet50": ({"use_bias": True}, "ResNet50"),
@@ -257,10 +258,8 @@ def bench(
             r.infer_mfu *= peak / peak_after
         peak = peak_after
         rows = table_rows()
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     printer(f"fp32 matmul peak, the better of before and after: {peak / 1e9:.1f} GFLOP/s")
-    for row in [header, *rows]:
-        printer("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(rows, header, printer)
     for name, ratio in ratios.items():
         printer(
             f"{name}: ours / keras.applications = {ratio['train']:.2f} (train), {ratio['infer']:.2f} (inference)"
@@ -277,9 +276,5 @@ def bench(
         "ratios": ratios,
     }
     if output_json:
-        path = Path(output_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
+        write_text_atomic(output_json, json.dumps(report, indent=2) + "\n")
     return report

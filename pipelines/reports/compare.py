@@ -19,6 +19,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from pipelines.io import print_table
+
 EXTRA_METRICS = ("train_seconds", "seconds_per_epoch", "num_params", "export_max_abs_diff", "epochs_to_target",
                  "reached_target")
 COMPARE_TAG = "deeptrends.compare"
@@ -33,13 +35,12 @@ def _num(value):
 
 def collect(experiment: str, tracking_uri: str | None = None, params: list[str] | None = None):
     """(rows, metric names): one row per finished run, oldest first."""
-    import os
 
     import mlflow
     from pipelines.config import ConfigError
-    from pipelines.tracking import DEFAULT_URI
+    from pipelines.tracking import resolve_uri
 
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    mlflow.set_tracking_uri(resolve_uri(tracking_uri))
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -176,10 +177,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     table_metrics = [*metric_names, *(m for m in metrics if m not in metric_names)]
     columns = ["run", *params, *table_metrics]
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+    print_table([[_fmt(r.get(c)) for c in columns] for r in rows], columns)
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["run", "run_id", *params, *table_metrics])
         writer.writeheader()

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipelines.io import write_text_atomic
 from pipelines.tasks.base import Endpoint
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
@@ -133,6 +134,12 @@ def publish(result: ExportResult, target: Path) -> Path:
     return target
 
 
+def next_version(serving_root: Path) -> int:
+    """The next free version number under ``serving_root`` (exports without a registry)."""
+    existing = [int(p.name) for p in serving_root.glob("[0-9]*") if p.name.isdigit()]
+    return max(existing, default=0) + 1
+
+
 def discard(result: ExportResult | None) -> None:
     if result is not None and result.path.name.startswith(".tmp-"):
         shutil.rmtree(result.path, ignore_errors=True)
@@ -165,8 +172,6 @@ def write_model_config(serving_dir: Path, model_name: str, served: list[int], la
             "  }"
         )
     path = serving_dir / "models.config"
-    for target, text in ((state_path, json.dumps(state, indent=2)), (path, "model_config_list {\n" + "\n".join(blocks) + "\n}\n")):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
+    write_text_atomic(state_path, json.dumps(state, indent=2))
+    write_text_atomic(path, "model_config_list {\n" + "\n".join(blocks) + "\n}\n")
     return path

@@ -7,7 +7,6 @@ the task rebuilds the same serving endpoints around the logged Keras model.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -26,11 +25,11 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
 
     from pipelines import optim, runtime  # noqa: F401  (optim: custom schedules reload)
     from pipelines.serving import export
-    from pipelines.tasks.base import get_task
-    from pipelines.tracking import DEFAULT_URI
+    from pipelines.tasks.base import RunContext, get_task
+    from pipelines.tracking import resolve_uri
 
     runtime.quiet_tensorflow()
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    mlflow.set_tracking_uri(resolve_uri(tracking_uri))
     client = MlflowClient()
     name = m["name"]
     try:
@@ -41,12 +40,12 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
     config = validate_config(yaml.safe_load(local.read_text()), source=f"run {mv.run_id}")
     info = json.loads(Path(client.download_artifacts(mv.run_id, "dataset_info.json")).read_text())
 
-    task = get_task(config.task)(config)  # first: imports the task's serializable Keras classes
+    task = get_task(config.task)(RunContext(config))  # imports the task's Keras classes first
     model = mlflow.keras.load_model(f"models:/{name}/{mv.version}")
-    endpoints = task.endpoints(model, info, None)
+    serving = task.serving(model, task.Info.from_dict(info))
     target = serving_dir / name / str(mv.version)
     staged = export.write_saved_model(
-        model, endpoints, target, model_name=name,
+        serving.model, serving.endpoints, target, model_name=name,
         warmup_requests=config.export.warmup_requests, atol=config.export.atol,
     )
     return export.publish(staged, target)
