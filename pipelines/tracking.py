@@ -282,6 +282,12 @@ class RunTracker:
         return versions_with_aliases(self._client, self.config.registered_model_name)
 
 
+def load_model(uri: str):
+    """A Keras model logged to MLflow (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/ID/model``): how tasks read the registry without importing MLflow."""
+    return mlflow.keras.load_model(uri)
+
+
 def end_status(exc: BaseException | None) -> str:
     """The MLflow status of a run that ended with ``exc`` (None: it finished)."""
     if exc is None:

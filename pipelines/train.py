@@ -75,12 +75,15 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
     from pipelines import runtime
 
     strategy = runtime.configure(config.runtime)
+    import tensorflow_datasets as tfds
+
     from pipelines.loop import Position, TrainingCheckpoint
     from pipelines.publication import Publication
     from pipelines.resume import ResumeSlot
     from pipelines.tasks.base import RunContext, get_task
     from pipelines.tracking import RunTracker
 
+    tfds.disable_progress_bar()
     started, chief = time.time(), runtime.is_chief()
     replicas = strategy.num_replicas_in_sync
     effective = effective_config(config, replicas)

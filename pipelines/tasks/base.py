@@ -66,7 +66,16 @@ def list_tasks() -> list[str]:
 
 
 def get_task(name: str) -> type[Task]:
-    _import_tasks()
+    """The task registered as ``name``. A task lives in ``pipelines/tasks/<name>.py``, so
+    only that module is imported; an unknown name imports them all to list the choices."""
+    if name not in _TASKS and name.isidentifier() and name != "base":
+        try:
+            importlib.import_module(f"pipelines.tasks.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pipelines.tasks.{name}":
+                raise
+    if name not in _TASKS:
+        _import_tasks()
     if name not in _TASKS:
         close = difflib.get_close_matches(name, sorted(_TASKS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

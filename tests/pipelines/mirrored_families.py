@@ -1,6 +1,7 @@
 """Script for test_distribution: every model family trains two steps under ``mirrored``
 on 2 virtual CPUs, through its own task (custom train steps included). Run one case per
 process (``python mirrored_families.py INDEX``): a process's devices are fixed at start-up.
+Each case trains through the driver's ``fit_model``, as ``deeptrends train`` does.
 Prints one JSON line per case: {"case", "loss", "replicas"}."""
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ import sys
 from pipelines.config import ConfigError
 from pipelines.variants import load_runs
 
-MIRRORED = ["runtime.strategy=mirrored", "runtime.virtual_cpus=2", "train.epochs=1", "train.verbose=0"]
+MIRRORED = [
+    "runtime.strategy=mirrored",
+    "runtime.virtual_cpus=2",
+    "train.epochs=1",
+    "train.steps_per_epoch=2",
+    "train.verbose=0",
+]
 
 # (config, variant or None, extra overrides): one per model family and task
 CASES = [
@@ -30,14 +37,14 @@ CASES = [
     ("gan-digits", None, []),
     ("dcgan-digits", None, []),
     ("draw-digits", None, []),
+    ("dbn-classifier-mnist", None, ["data.name=digits", "task_options.epochs_per_layer=[1,1,1]"]),  # greedy + fine-tune
 ]
 
 
 def main(indices: list[str]) -> int:
-    from pipelines import loop, runtime
-    from pipelines.tasks.base import get_task
-
-    import keras
+    from pipelines import runtime
+    from pipelines.tasks.base import RunContext, get_task
+    from pipelines.train import fit_model
 
     for index, (config_name, variant, extra) in enumerate(CASES):
         if indices and str(index) not in indices:
@@ -48,19 +55,15 @@ def main(indices: list[str]) -> int:
             print(json.dumps({"case": config_name, "error": str(exc)}), flush=True)
             return 1
         strategy = runtime.configure(config.runtime)
-        task = get_task(config.task)(config)
-        task.num_replicas = strategy.num_replicas_in_sync
-        inputs = task.build_inputs()
-        with strategy.scope():
-            model = task.build_model(inputs.info)
-            task.compile_model(model, inputs)
-        loop.fit(model, strategy, task.prepare_dataset(inputs.train), epochs=1, steps_per_epoch=2,
-                 callbacks=[keras.callbacks.TerminateOnNaN()], verbose=0)
-        logs = model.history.history
-        loss_key = "loss" if "loss" in logs else sorted(logs)[0]
-        loss = float(logs[loss_key][-1])
-        print(json.dumps({"case": f"{config_name}/{variant or config.model.name}", "loss": loss,
-                          "finite": math.isfinite(loss), "replicas": strategy.num_replicas_in_sync}), flush=True)
+        replicas = strategy.num_replicas_in_sync
+        context = RunContext(config, num_replicas=replicas, strategy=strategy)
+        task = get_task(config.task)(context)
+        _, history = fit_model(task, task.build_inputs(), context)
+        loss_key = "loss" if "loss" in history else sorted(history)[0]
+        loss = float(history[loss_key][-1])
+        case = f"{config_name}/{variant or config.model.name}"
+        print(json.dumps({"case": case, "loss": loss, "finite": math.isfinite(loss),
+                          "replicas": replicas}), flush=True)
     return 0
 
 

@@ -1,0 +1,201 @@
+"""The driver's life-cycle objects, without training: the resume slot, the run tracker
+(the run's end status by what ended it), and the publication (undone as a whole)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.config import validate_config
+from pipelines.resume import ResumeSlot, run_key
+
+
+def _config(tmp_path, **sections):
+    raw = {
+        "name": "life",
+        "model": {"name": "lenet5"},
+        "data": {"name": "digits"},
+        "runtime": {"work_dir": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "export": {"serving_dir": str(tmp_path / "serving"), "warmup_requests": 1},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_config(raw)
+
+
+class _Tracker:
+    run_id = "abc"
+
+
+# ------------------------------------------------------------------------ resume slot
+
+
+def test_run_key_ignores_verbosity_and_the_resume_flag(tmp_path):
+    base = _config(tmp_path)
+    assert run_key(base) == run_key(_config(tmp_path, train={"verbose": 0}))
+    assert run_key(base) == run_key(_config(tmp_path, runtime={"resume": False}))
+    assert run_key(base) != run_key(_config(tmp_path, train={"epochs": 3}))
+
+
+def test_slot_kept_when_interrupted_and_cleared_when_finished_or_failed(tmp_path):
+    pytest.importorskip("tensorflow")
+    from pipelines.loop import Preempted
+
+    config = _config(tmp_path)
+    slot = ResumeSlot(config)
+    assert not slot.resuming
+    with pytest.raises(Preempted), slot.session(_Tracker()):
+        slot.save_history({"loss": [1.0, 0.5]})
+        raise Preempted("SIGTERM at epoch 2 step 1")
+    again = ResumeSlot(config)
+    assert again.resuming and again.run_id == "abc"
+    assert json.loads((again.root / "run.json").read_text())["status"] == "interrupted"
+    assert again.history(start_epoch=1) == {"loss": [1.0]}  # only epochs before the restart
+
+    with pytest.raises(ValueError), again.session(_Tracker()):
+        raise ValueError("boom")
+    assert not again.root.exists() and not ResumeSlot(config).resuming
+
+    slot = ResumeSlot(config)
+    with slot.session(_Tracker()):
+        assert slot.root.exists()
+    assert not slot.root.exists()
+
+
+def test_damaged_or_disabled_slot_starts_afresh(tmp_path):
+    config = _config(tmp_path)
+    slot = ResumeSlot(config)
+    slot.open("abc")
+    (slot.root / "run.json").write_text("{not json")
+    assert not ResumeSlot(config).resuming
+    slot.open("abc")
+    assert ResumeSlot(config).resuming
+    assert not ResumeSlot(_config(tmp_path, runtime={"resume": False})).resuming
+
+
+# ------------------------------------------------------------------------ run tracker
+
+
+def _status(config, run_id):
+    import mlflow
+
+    mlflow.set_tracking_uri(config.tracking.uri)
+    run = mlflow.MlflowClient().get_run(run_id)
+    return run.info.status, run.data.tags
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED"), ("preempted", "KILLED")],
+)
+def test_tracker_ends_the_run_by_what_ended_it(tmp_path, error, status):
+    pytest.importorskip("mlflow")
+    from pipelines.loop import Preempted
+    from pipelines.tracking import RunTracker
+
+    config = _config(tmp_path)
+    exc = {None: None, "preempted": Preempted("SIGTERM at epoch 1 step 3")}.get(error, error)
+    tracker = RunTracker(config)
+    try:
+        with tracker:
+            tracker.log_start({"a": 1}, {"task": "classification"}, None)
+            if exc is not None:
+                raise exc
+    except (ValueError, KeyboardInterrupt, Preempted):
+        pass
+    got, tags = _status(config, tracker.run_id)
+    assert got == status
+    assert tags["task"] == "classification"
+    assert ("deeptrends.interrupted" in tags) == (error == "preempted")
+
+
+def test_tracker_resumes_its_run_and_logs_nothing_when_disabled(tmp_path):
+    pytest.importorskip("mlflow")
+    from pipelines.tracking import RunTracker
+
+    config = _config(tmp_path)
+    with RunTracker(config) as first:
+        pass
+    with RunTracker(config, run_id=first.run_id) as second:
+        second.log_start({"a": 1}, {}, resumed_at="epoch 3 step 0")
+    assert second.run_id == first.run_id
+    assert _status(config, first.run_id)[1]["deeptrends.resumed_at"] == "epoch 3 step 0"
+    with RunTracker(config, enabled=False) as off:
+        off.log_metrics({"x": 1.0})
+        assert off.run_id is None and off.register(object()) is None and off.sink is None
+
+
+# ------------------------------------------------------------------------ publication
+
+
+def _serving(scale: float = 1.0):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from pipelines.tasks.base import Endpoint, Serving
+
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs))
+    check = np.ones((2, 3), np.float32)
+
+    def predict(x):
+        return {"y": model(x) * scale}
+
+    spec = [tf.TensorSpec([None, 3], tf.float32, name="x")]
+    return Serving(model, [Endpoint("serving_default", predict, spec, [check])])
+
+
+def test_publication_exports_registers_and_gates(tmp_path):
+    pytest.importorskip("tensorflow")
+    from pipelines.publication import Publication
+    from pipelines.tracking import RunTracker
+
+    config = _config(tmp_path)
+    with RunTracker(config) as tracker:
+        published = Publication(config, tracker).publish(_serving(), {"accuracy": 0.5})
+    assert published.version == "1" and published.aliases == ["champion"]
+    assert (tmp_path / "serving" / "life" / "1" / "saved_model.pb").exists()
+    assert "life" in (tmp_path / "serving" / "models.config").read_text()
+
+
+@pytest.mark.parametrize("where", ["gate", "export"])
+def test_failed_publication_leaves_nothing(tmp_path, where):
+    pytest.importorskip("tensorflow")
+    import mlflow
+
+    from pipelines.publication import Publication
+    from pipelines.serving.export import ExportMismatch
+    from pipelines.tracking import RunTracker
+
+    config = _config(tmp_path)
+    # "gate": the metric is missing after registration; "export": the saved model differs
+    serving = _serving() if where == "gate" else _serving_that_drifts()
+    metrics = {} if where == "gate" else {"accuracy": 0.5}
+    with pytest.raises((KeyError, ExportMismatch)), RunTracker(config) as tracker:
+        Publication(config, tracker).publish(serving, metrics)
+    served = tmp_path / "serving" / "life"
+    assert not any(p.name.isdigit() or p.name.startswith(".tmp") for p in served.glob("*"))
+    client = mlflow.MlflowClient(config.tracking.uri)
+    assert not client.search_model_versions("name='life'")
+    assert _status(config, tracker.run_id)[0] == "FAILED"
+
+
+def _serving_that_drifts():
+    """An endpoint whose traced function differs from its eager one (a served model that
+    would not reproduce the Keras model)."""
+    import tensorflow as tf
+
+    serving = _serving()
+    endpoint = serving.endpoints[0]
+    fn = endpoint.fn
+
+    def drifting(x):
+        out = fn(x)
+        bump = 1.0 if tf.inside_function() else 0.0
+        return {"y": out["y"] + bump}
+
+    endpoint.fn = drifting
+    return serving
