@@ -66,10 +66,12 @@ class ImageInputSpec:
     deterministic: bool = True
     augment: Augment = field(default_factory=Augment)
     options: dict = field(default_factory=dict)
-    drop_remainder: bool = False
+    drop_remainder: bool = True  # the same batches for any replica count (see build_image_datasets)
     start_epoch: int = 0  # resume: the stream continues at this epoch ...
     start_step: int = 0  # ... and at this batch within it
-    crop_fraction: float = 1.0  # resize to size / crop_fraction, then crop (train: random, eval: centre)
+    crop_fraction: float = (
+        1.0  # resize to size / crop_fraction, then crop (train: random, eval: centre)
+    )
 
 
 @dataclass
@@ -90,7 +92,9 @@ class ImageDatasetInfo:
     pca: tuple | None = None  # (eigval, eigvec) of the training pixels, when PCA jitter is on
 
 
-def _crop_source_size(height: int, width: int, image_size: int | None, crop_fraction: float) -> tuple:
+def _crop_source_size(
+    height: int, width: int, image_size: int | None, crop_fraction: float
+) -> tuple:
     """(target H, W) and the (H, W) to resize to before cropping the target out of it."""
     target = (image_size, image_size) if image_size is not None else (height, width)
     if crop_fraction >= 1.0:
@@ -107,11 +111,17 @@ def preprocess_images(
     square is kept (evaluation by resize + centre crop). Used for evaluation and serving
     alike; training calls it with ``crop_fraction=1`` at the larger size and crops at random."""
     if not 0.0 < crop_fraction <= 1.0:
-        raise ValueError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={crop_fraction!r}")
+        raise ValueError(
+            f"crop_fraction must be in (0, 1]. Received: crop_fraction={crop_fraction!r}"
+        )
     if crop_fraction < 1.0:
         if image_size is None and (images.shape[1] is None or images.shape[2] is None):
-            raise ValueError("crop_fraction < 1 needs image_size or a static image height and width")
-        (th, tw), (sh, sw) = _crop_source_size(images.shape[1], images.shape[2], image_size, crop_fraction)
+            raise ValueError(
+                "crop_fraction < 1 needs image_size or a static image height and width"
+            )
+        (th, tw), (sh, sw) = _crop_source_size(
+            images.shape[1], images.shape[2], image_size, crop_fraction
+        )
         x = _scale_channels(images, channels)
         x = tf.image.resize(x, (sh, sw), method="bilinear")
         top, left = (sh - th) // 2, (sw - tw) // 2
@@ -143,12 +153,21 @@ def random_crop_images(images: tf.Tensor, size: tuple[int, int], seed: tf.Tensor
         return images
     batch = tf.shape(images)[0]
     seeds = tf.random.experimental.stateless_split(seed, num=2)
-    top = tf.random.stateless_uniform(tf.stack([batch]), seeds[0], 0, height - th + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform(tf.stack([batch]), seeds[1], 0, width - tw + 1, dtype=tf.int32)
+    top = tf.random.stateless_uniform(
+        tf.stack([batch]), seeds[0], 0, height - th + 1, dtype=tf.int32
+    )
+    left = tf.random.stateless_uniform(
+        tf.stack([batch]), seeds[1], 0, width - tw + 1, dtype=tf.int32
+    )
     top, left = tf.cast(top, tf.float32), tf.cast(left, tf.float32)
     # normalised boxes whose corners fall on pixel centres: bilinear sampling picks pixels exactly
     boxes = tf.stack(
-        [top / (height - 1), left / (width - 1), (top + th - 1) / (height - 1), (left + tw - 1) / (width - 1)],
+        [
+            top / (height - 1),
+            left / (width - 1),
+            (top + th - 1) / (height - 1),
+            (left + tw - 1) / (width - 1),
+        ],
         axis=1,
     )
     return tf.image.crop_and_resize(images, boxes, tf.range(batch), (th, tw), method="bilinear")
@@ -174,7 +193,9 @@ def pixel_pca(images) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
     eigval = np.sqrt(np.clip(eigval[order], 0.0, None))
-    return tuple(float(v) for v in eigval), tuple(tuple(float(v) for v in row) for row in eigvec[:, order])
+    return tuple(float(v) for v in eigval), tuple(
+        tuple(float(v) for v in row) for row in eigvec[:, order]
+    )
 
 
 def pca_colour_jitter(images: tf.Tensor, seed: tf.Tensor, std: float, pca=None) -> tf.Tensor:
@@ -192,12 +213,16 @@ def pca_colour_jitter(images: tf.Tensor, seed: tf.Tensor, std: float, pca=None) 
     return tf.clip_by_value(images + shift[:, None, None, :], 0.0, 1.0)
 
 
-def _affine_transforms(seed: tf.Tensor, batch: tf.Tensor, height: int, width: int, aug: Augment) -> tf.Tensor:
+def _affine_transforms(
+    seed: tf.Tensor, batch: tf.Tensor, height: int, width: int, aug: Augment
+) -> tf.Tensor:
     """Per-image projective transforms [B, 8] (output -> input coordinates) composing a
     rotation and zoom about the centre with a translation, from a stateless seed."""
     seeds = tf.random.experimental.stateless_split(seed, num=4)
     shape = tf.stack([batch])
-    theta = tf.random.stateless_uniform(shape, seeds[0], -1.0, 1.0) * (aug.rotation * math.pi / 180.0)
+    theta = tf.random.stateless_uniform(shape, seeds[0], -1.0, 1.0) * (
+        aug.rotation * math.pi / 180.0
+    )
     scale = 1.0 + tf.random.stateless_uniform(shape, seeds[1], -1.0, 1.0) * aug.zoom
     shift = tf.random.stateless_uniform(
         tf.stack([batch, 2]), seeds[2], -float(aug.pad_crop), float(aug.pad_crop) + 1.0
@@ -232,7 +257,9 @@ def augment_images(images: tf.Tensor, seed: tf.Tensor, aug: Augment, pca=None) -
         mask = tf.random.stateless_uniform(tf.stack([batch, 1, 1, 1]), flip_seed) < 0.5
         images = tf.where(mask, tf.reverse(images, axis=[2]), images)
     if aug.pca_jitter:
-        images = pca_colour_jitter(images, tf.random.experimental.stateless_fold_in(seed, 11), aug.pca_jitter, pca)
+        images = pca_colour_jitter(
+            images, tf.random.experimental.stateless_fold_in(seed, 11), aug.pca_jitter, pca
+        )
     return images
 
 
@@ -280,14 +307,27 @@ def _options(spec: ImageInputSpec, shard_policy: str) -> tf.data.Options:
     return options
 
 
-def build_image_datasets(spec: ImageInputSpec) -> tuple[tf.data.Dataset, tf.data.Dataset, ImageDatasetInfo]:
+def build_image_datasets(
+    spec: ImageInputSpec,
+) -> tuple[tf.data.Dataset, tf.data.Dataset, ImageDatasetInfo]:
     """The batched train and eval datasets of an image-classification spec, and their info.
 
     The train dataset repeats without end (epoch after epoch, each reshuffled with a
     seed derived from ``spec.seed`` and the epoch); iterate it ``info.steps_per_epoch``
     batches per epoch. The eval dataset is one pass.
+
+    ``drop_remainder`` (the default) drops each epoch's last partial batch: every global
+    batch then splits evenly over any number of replicas, so one process and N workers
+    take the same gradient steps on the same examples. A partial batch would be split
+    unevenly (or left to one worker) and averaged per replica, which changes the update.
     """
     raw = load_raw(spec)
+    if spec.drop_remainder and raw.num_train < spec.batch_size:
+        raise ValueError(
+            f"{spec.name}: the training split has {raw.num_train} examples, fewer than one "
+            f"batch of {spec.batch_size}, and partial batches are dropped "
+            "(data.drop_remainder): lower train.batch_size or set data.drop_remainder=false."
+        )
     shard_policy = get_dataset(spec.name).shard_policy
     raw_shape = tuple(int(d) for d in raw.image_shape)
     size = spec.image_size
@@ -312,16 +352,21 @@ def build_image_datasets(spec: ImageInputSpec) -> tuple[tf.data.Dataset, tf.data
     buffer = min(spec.shuffle_buffer, raw.num_train)
     pca = None
     if spec.augment.pca_jitter:
-        pca = pixel_pca(preprocess_images(next(iter(raw.train.batch(2048).take(1)))[0], None, channels))
+        pca = pixel_pca(
+            preprocess_images(next(iter(raw.train.batch(2048).take(1)))[0], None, channels)
+        )
 
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         # Shuffle and augmentation are keyed by (seed, epoch, batch): the same stream
         # whether the run starts fresh, resumes at an epoch, or is rebuilt.
         # (+1: the seed is never 0, which TF reads as "unseeded" when the global seed is 0)
-        ds = train_raw.shuffle(buffer, seed=spec.seed * 1_000_003 + epoch + 1, reshuffle_each_iteration=False)
+        ds = train_raw.shuffle(
+            buffer, seed=spec.seed * 1_000_003 + epoch + 1, reshuffle_each_iteration=False
+        )
         ds = ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder)
         ds = ds.map(
-            train_prep_sized if cropping else prep, num_parallel_calls=tf.data.AUTOTUNE,
+            train_prep_sized if cropping else prep,
+            num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=spec.deterministic,
         )
         if not (spec.augment.enabled or cropping):
@@ -331,12 +376,16 @@ def build_image_datasets(spec: ImageInputSpec) -> tuple[tf.data.Dataset, tf.data
             key = tf.stack([tf.cast(spec.seed, tf.int64), epoch * 1_000_000 + step])
             images = batch[0]
             if cropping:
-                images = random_crop_images(images, target, tf.random.experimental.stateless_fold_in(key, 13))
+                images = random_crop_images(
+                    images, target, tf.random.experimental.stateless_fold_in(key, 13)
+                )
             if spec.augment.enabled:
                 images = augment_images(images, key, spec.augment, pca)
             return images, batch[1]
 
-        return ds.enumerate().map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.deterministic)
+        return ds.enumerate().map(
+            aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.deterministic
+        )
 
     train = (
         tf.data.Dataset.range(spec.start_epoch, 2**31)
@@ -352,7 +401,11 @@ def build_image_datasets(spec: ImageInputSpec) -> tuple[tf.data.Dataset, tf.data
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )
-    steps = raw.num_train // spec.batch_size if spec.drop_remainder else math.ceil(raw.num_train / spec.batch_size)
+    steps = (
+        raw.num_train // spec.batch_size
+        if spec.drop_remainder
+        else math.ceil(raw.num_train / spec.batch_size)
+    )
     info = ImageDatasetInfo(
         name=spec.name,
         num_classes=raw.num_classes,
@@ -377,7 +430,10 @@ def build_train_as_eval(spec: ImageInputSpec) -> tf.data.Dataset:
     channels = spec.channels or int(raw.image_shape[-1])
     return (
         raw.train.batch(spec.batch_size)
-        .map(lambda x, y: (preprocess_images(x, spec.image_size, channels, spec.crop_fraction), y),
-             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(
+            lambda x, y: (preprocess_images(x, spec.image_size, channels, spec.crop_fraction), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         .prefetch(tf.data.AUTOTUNE)
     )

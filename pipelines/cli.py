@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,10 +53,18 @@ def _summary_out(summary: dict, output_json: str | None) -> None:
         write_text_atomic(output_json, text + "\n")
 
 
-def cmd_train(args) -> int:
+def _quiet_start() -> None:
+    """Before a command's own output, only ours: TensorFlow starts without its notices
+    (``runtime.quiet_tensorflow``; its errors still show) and MLflow logs warnings and
+    errors only (its database and new-experiment notices: ``MLFLOW_LOGGING_LEVEL=INFO``)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from pipelines.runtime import quiet_tensorflow
 
     quiet_tensorflow()
+
+
+def cmd_train(args) -> int:
+    _quiet_start()
     from pipelines.train import check_config, run_experiment
     from pipelines.variants import load_runs
 
@@ -93,9 +102,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pipelines.runtime import quiet_tensorflow
-
-    quiet_tensorflow()
+    _quiet_start()
     from pipelines.reports.bench import bench
 
     try:
@@ -108,9 +115,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pipelines.runtime import quiet_tensorflow
-
-    quiet_tensorflow()
+    _quiet_start()
     from pipelines.serving.reexport import export_registered
 
     path = export_registered(args.model_uri, Path(args.serving_dir), tracking_uri=args.tracking_uri)

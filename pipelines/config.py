@@ -63,7 +63,11 @@ class DataConfig(BaseModel):
     cache: bool = True
     shuffle_buffer: int = Field(10_000, gt=0)
     deterministic: bool = True
-    drop_remainder: bool | None = Field(None, description="drop partial train batches (default: when replicas > 1)")
+    drop_remainder: bool = Field(
+        True,
+        description="drop the last partial train batch of each pass; one default for any replica "
+        "count, so that 1 and N replicas train on the same batches",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     preprocessing: Literal["model", "none"] = Field(
         "model", description="model: unset crop_fraction/flip/pca_jitter come from the family's PREPROCESSING"

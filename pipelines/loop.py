@@ -46,15 +46,86 @@ def _reduce(strategy: tf.distribute.Strategy, logs):
     return tf.nest.map_structure(reduce, logs)
 
 
+def optimizers_of(model) -> list:
+    """Every optimizer a model trains with: ``model.optimizer`` and those a training
+    wrapper holds as attributes (the GAN's two players, one per RBM of a DBN), in a
+    fixed order, each once."""
+    found: list = []
+
+    def add(value) -> None:
+        if isinstance(value, keras.optimizers.Optimizer) and all(value is not o for o in found):
+            found.append(value)
+
+    add(getattr(model, "optimizer", None))
+    for name in sorted(vars(model)):
+        value = vars(model)[name]
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "ListWrapper":
+            for item in value:
+                add(item)
+        else:
+            add(value)
+    return found
+
+
+def training_state(model) -> list:
+    """Every variable a training step reads or moves, in a fixed order: ``model.variables``
+    (weights, non-trainable state such as BatchNorm statistics and persistent chains, and
+    the state of every ``keras.random.SeedGenerator`` the model, its wrapper and their
+    layers hold: Dropout, recurrent dropout, GAN noise, Gibbs sampling, VAE/DRAW noise),
+    the metric accumulators, every optimizer's variables (iterations, slots, loss scale)
+    and Keras' global seed generator (``keras.random`` calls without a seed) if it exists.
+    Without the seed states a resumed run would restart its random streams."""
+    variables = list(model.variables) + list(model.metrics_variables)
+    for optimizer in optimizers_of(model):
+        variables += list(optimizer.variables)
+    global_generator = _global_seed_generator()
+    if global_generator is not None:
+        variables.append(global_generator.state)
+    unique, seen = [], set()
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            unique.append(v)
+    return unique
+
+
+def _global_seed_generator():
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    except ImportError:  # a Keras without it: nothing to add
+        return None
+    return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+
+
+def build_optimizers(model) -> None:
+    """Create every optimizer slot now, so that checkpoints hold them from the start."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    if hasattr(model, "build_optimizers"):
+        model.build_optimizers()
+
+
 class TrainingCheckpoint(keras.callbacks.Callback):
-    """Saves model + optimizer + position every epoch and every ``every_n_steps`` steps
-    with ``tf.train.CheckpointManager``; ``restore`` returns the position to resume at.
+    """Saves the whole training state and the position every epoch and every
+    ``every_n_steps`` steps with ``tf.train.CheckpointManager``; ``restore`` returns the
+    position to resume at.
+
+    The state is what the next step depends on, so that a resumed run continues as if
+    it had never stopped: the model, every optimizer, and ``training_state(model)``:
+    the random seed generators (dropout masks, sampling noise), non-trainable statistics
+    and metric accumulators included. Variables created after ``attach`` (compiled
+    metrics are built by the loop's first ``build_state``) join at ``track_new_state``,
+    which ``fit`` calls after building, and are restored then.
 
     In a multi-worker job every worker saves (saving reads distributed variables and
     must run everywhere) into its own folder, so it also works without a shared disk.
     """
 
-    def __init__(self, directory: str | Path, every_n_steps: int | None = None, max_to_keep: int = 2):
+    def __init__(
+        self, directory: str | Path, every_n_steps: int | None = None, max_to_keep: int = 2
+    ):
         super().__init__()
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
@@ -62,6 +133,10 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="ckpt_epoch")
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="ckpt_step")
         self._manager: tf.train.CheckpointManager | None = None
+        self._state: tf.Module | None = None
+        self._tracked: set[int] = set()
+        self._parts = 0
+        self._restored: str | None = None
         self._current_epoch = 0
 
     @staticmethod
@@ -78,13 +153,37 @@ class TrainingCheckpoint(keras.callbacks.Callback):
 
     def attach(self, model) -> None:
         self.set_model(model)
-        if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)  # so its slots are checkpointed
-        objects = {"model": model, "epoch": self._epoch, "step": self._step}
+        build_optimizers(model)  # so their slots are checkpointed
+        self._state = tf.Module(name="training_state")
+        self._tracked, self._parts = set(), 0
+        objects = {"model": model, "epoch": self._epoch, "step": self._step, "state": self._state}
         if model.optimizer is not None:
             objects["optimizer"] = model.optimizer
         ckpt = tf.train.Checkpoint(**objects)
-        self._manager = tf.train.CheckpointManager(ckpt, str(self.directory), max_to_keep=self.max_to_keep)
+        self._manager = tf.train.CheckpointManager(
+            ckpt, str(self.directory), max_to_keep=self.max_to_keep
+        )
+        self.track_new_state()
+
+    def track_new_state(self) -> int:
+        """Add the variables of ``training_state`` not checkpointed yet (one new part,
+        in order: a fresh run and its resumption add the same parts at the same points);
+        after a ``restore`` they take their saved values. Returns how many were added."""
+        assert self._manager is not None, "attach(model) first"
+        new = [v for v in training_state(self.model) if id(v) not in self._tracked]
+        if not new:
+            return 0
+        self._tracked.update(id(v) for v in new)
+        setattr(self._state, f"part_{self._parts}", new)
+        self._parts += 1
+        if self._restored:
+            self._manager.checkpoint.restore(self._restored).assert_existing_objects_matched()
+        return len(new)
+
+    @property
+    def restored(self) -> bool:
+        """True after ``restore`` found a checkpoint."""
+        return self._restored is not None
 
     def restore(self) -> Position:
         assert self._manager is not None, "attach(model) first"
@@ -92,6 +191,7 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         if not latest:
             return Position()
         self._manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        self._restored = latest
         position = Position(int(self._epoch.numpy()), int(self._step.numpy()))
         log.info("resumed from %s at epoch %d step %d", latest, position.epoch + 1, position.step)
         return position
@@ -146,13 +246,11 @@ def build_state(model, strategy: tf.distribute.Strategy, sample_batch=None) -> N
     with strategy.scope():
         if getattr(model, "_compile_loss", None) is not None and sample_batch is not None:
             replicas = strategy.num_replicas_in_sync  # a replica sees its share of the global batch
-            per_replica = tf.nest.map_structure(lambda t: t[: max(1, t.shape[0] // replicas)], sample_batch)
+            per_replica = tf.nest.map_structure(
+                lambda t: t[: max(1, t.shape[0] // replicas)], sample_batch
+            )
             model._symbolic_build(data_batch=per_replica)  # what fit() does first
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and not optimizer.built:
-            optimizer.build(model.trainable_variables)
-        if hasattr(model, "build_optimizers"):
-            model.build_optimizers()
+        build_optimizers(model)
 
 
 _UNTRACED = object()
@@ -166,7 +264,9 @@ def _trace_key(model):
 
 
 def _step_function(model, strategy, step_fn, jit_compile: bool):
-    inner = tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
+    inner = (
+        tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
+    )
 
     @tf.function(reduce_retracing=True)  # variable-length batches (text) would retrace every shape
     def run(batch):
@@ -197,21 +297,35 @@ def fit(
     """
     start = start or Position()
     build_state(model, strategy, next(iter(train_data.take(1))))
+    if checkpoint is not None:
+        with strategy.scope():
+            checkpoint.track_new_state()  # compiled metrics exist now; restored if resuming
     all_callbacks = list(callbacks or []) + ([checkpoint] if checkpoint else [])
     cbs = keras.callbacks.CallbackList(
-        all_callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
-        epochs=epochs, steps=steps_per_epoch, model=model,
+        all_callbacks,
+        add_history=True,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
+        model=model,
     )
     traced_key, train_step, test_step = _UNTRACED, None, None
     iterator = iter(strategy.experimental_distribute_dataset(train_data))
-    dist_val = strategy.experimental_distribute_dataset(validation_data) if validation_data is not None else None
+    dist_val = (
+        strategy.experimental_distribute_dataset(validation_data)
+        if validation_data is not None
+        else None
+    )
 
+    resumed_mid_epoch = bool(start.step) and checkpoint is not None and checkpoint.restored
     model.stop_training = False
     cbs.on_train_begin()
     logs: dict = {}
     with _SigtermFlag() as sigterm:
         for epoch in range(start.epoch, epochs):
-            model.reset_metrics()
+            if not (resumed_mid_epoch and epoch == start.epoch):
+                model.reset_metrics()  # (mid-epoch, the restored sums of the epoch go on)
             cbs.on_epoch_begin(epoch)
             if _trace_key(model) != traced_key:  # first epoch, or the model's Python state moved
                 traced_key = _trace_key(model)
@@ -224,7 +338,9 @@ def fit(
                 cbs.on_train_batch_end(step, logs)
                 if sigterm.raised:
                     where = checkpoint.save(epoch, step + 1) if checkpoint else None
-                    raise Preempted(f"SIGTERM at epoch {epoch + 1} step {step + 1}; checkpoint {where}")
+                    raise Preempted(
+                        f"SIGTERM at epoch {epoch + 1} step {step + 1}; checkpoint {where}"
+                    )
                 if model.stop_training:
                     break
             epoch_logs = {k: float(v) for k, v in logs.items()}

@@ -8,9 +8,14 @@ GPUs, or the ``runtime.virtual_cpus`` logical CPUs), ``multi_worker`` (cluster f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import sys
+import tempfile
+import warnings
 
 from pipelines.config import RuntimeConfig
 
@@ -21,9 +26,71 @@ class StrategyError(RuntimeError):
     """The requested strategy cannot run here; the message says why and what to use."""
 
 
+# What TensorFlow's C++ libraries print while they load and probe for CUDA. These lines
+# come before TF_CPP_MIN_LOG_LEVEL applies (abseil writes everything to stderr until it
+# is initialised: tensorflow/tensorflow#100442), so no setting hides them.
+_START_UP_NOTICES = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|\] oneDNN custom operations are on\."
+    r"|\] Could not find cuda drivers on your machine, GPU will not be used\."
+    r"|\] This TensorFlow binary is optimized to use available CPU instructions"
+    r"|^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler"
+    r"|\] Unable to register cu(DNN|FFT|BLAS) factory: Attempting to register factory for plugin"
+    r"|TF-TRT Warning: Could not find TensorRT"
+)
+# cuInit fails on a machine without a GPU driver; it is only noise after the notice above.
+_NO_DRIVER = re.compile(r"\] Could not find cuda drivers on your machine")
+_CUINIT = re.compile(r"\] failed call to cuInit: ")
+_quiet = {"done": False, "no_driver": False}
+
+
+@contextlib.contextmanager
+def _start_up_notices_filtered():
+    """Send fd 2 (where C++ writes) to a temporary file for the duration, then write every
+    line of it that is not a known start-up notice to the real stderr: errors still show,
+    in order, only after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = []
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if _NO_DRIVER.search(line):
+                    _quiet["no_driver"] = True
+                if _START_UP_NOTICES.search(line) or (_quiet["no_driver"] and _CUINIT.search(line)):
+                    continue
+                kept.append(line)
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter and TFDS progress bars."""
+    """Start TensorFlow without its start-up chatter, keeping its errors and warnings.
+
+    ``TF_CPP_MIN_LOG_LEVEL=2`` (unless set) drops later C++ INFO lines; the notices printed
+    while the libraries load and the first device probe runs (oneDNN, CUDA drivers, cuInit
+    without a driver, CPU instructions) are filtered out of what they write to stderr,
+    everything else is written back; Python warnings raised inside TensorFlow and TFDS
+    (deprecations of their own internals) are ignored. Call it before TensorFlow is
+    imported (later, only the environment is set)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", module=r"(tensorflow|tensorflow_datasets|tf_keras)(\.|$)")
+    if _quiet["done"] or "tensorflow" in sys.modules:
+        _quiet["done"] = True
+        return
+    _quiet["done"] = True
+    with _start_up_notices_filtered():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # probes CUDA (cuInit); creates no context yet
 
 
 def configure(runtime: RuntimeConfig):
@@ -34,7 +101,10 @@ def configure(runtime: RuntimeConfig):
 
     if runtime.strategy == "multi_worker" and runtime.cluster is not None:
         os.environ["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": runtime.cluster.workers}, "task": {"type": "worker", "index": runtime.cluster.index}}
+            {
+                "cluster": {"worker": runtime.cluster.workers},
+                "task": {"type": "worker", "index": runtime.cluster.index},
+            }
         )
     if runtime.virtual_cpus:
         split_cpu(runtime.virtual_cpus)
@@ -55,7 +125,9 @@ def split_cpu(n: int) -> None:
     if current and len(current) == n:
         return
     try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * n
+        )
     except RuntimeError as exc:
         raise StrategyError(
             f"runtime.virtual_cpus={n}: TensorFlow is already initialised in this process "
@@ -86,8 +158,8 @@ def make_strategy(runtime: RuntimeConfig):
     if kind == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise StrategyError(
-                "runtime.strategy=multi_worker needs a cluster: set TF_CONFIG, give runtime.cluster, "
-                "or start the job with `deeptrends launch --workers N CONFIG`."
+                "runtime.strategy=multi_worker needs a cluster: set TF_CONFIG, give "
+                "runtime.cluster, or start the job with `deeptrends launch --workers N CONFIG`."
             )
         impl = {
             "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
@@ -103,7 +175,8 @@ def make_strategy(runtime: RuntimeConfig):
             tf.tpu.experimental.initialize_tpu_system(resolver)
         except (ValueError, RuntimeError, tf.errors.NotFoundError) as exc:
             raise StrategyError(
-                f"runtime.strategy=tpu: no TPU found ({exc}). Use auto, default, mirrored or multi_worker here."
+                f"runtime.strategy=tpu: no TPU found ({exc}). "
+                "Use auto, default, mirrored or multi_worker here."
             ) from None
         return tf.distribute.TPUStrategy(resolver)
     raise StrategyError(f"runtime.strategy: unknown strategy {kind!r}")
