@@ -48,7 +48,7 @@ def test_mnist_config_per_architecture(model):
 
 def test_family_preprocessing_and_overrides():
     pytest.importorskip("tensorflow")
-    from pipelines.tasks.classification import resolve_preprocessing
+    from pipelines.image_inputs import resolve_preprocessing
 
     raw = {"name": "x", "model": {"name": "resnet18"}, "data": {"name": "digits"}}
     assert resolve_preprocessing(validate_config(raw)) == {
@@ -74,15 +74,19 @@ def test_family_preprocessing_and_overrides():
         validate_config({"name": "x", "model": {"name": "vgg11"}, "data": {"crop_fraction": 1.5}})
 
 
-def test_classification_task_options_are_checked():
-    pytest.importorskip("tensorflow")
-    from pipelines.tasks.base import get_task
+def test_classification_task_options_are_checked_before_anything_runs():
+    from pipelines.train import check_config
 
     config = validate_config(
         {"name": "x", "model": {"name": "lenet5"}, "task_options": {"gradient_norms": 5}}
     )
     with pytest.raises(ConfigError, match="task_options.gradient_norms"):
-        get_task("classification")(config)
+        check_config(config)
+    # a gate metric this run never produces is a config error, not a KeyError after training
+    gap = {"name": "x", "model": {"name": "lenet5"}, "tracking": {"gate": {"metric": "train_accuracy"}}}
+    with pytest.raises(ConfigError, match="tracking.gate.metric.*evaluate_train|tracking.gate.metric"):
+        check_config(validate_config(gap))
+    check_config(validate_config({**gap, "task_options": {"evaluate_train": True}}))
 
 
 @pytest.fixture()
@@ -111,7 +115,7 @@ def _small_net(keras, batch_norm=True):
     return model
 
 
-def test_gradient_norm_callback_logs_every_layer(tracking):
+def test_gradient_norm_callback_logs_every_layer(tracking, tmp_path):
     import keras
     import numpy as np
 
@@ -121,7 +125,8 @@ def test_gradient_norm_callback_logs_every_layer(tracking):
     rng = np.random.default_rng(0)
     x, y = rng.uniform(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 3, size=32)
     model = _small_net(keras)
-    callback = GradientNorms((x[:8], y[:8]), every_steps=2)
+    plot = tmp_path / "gradient_norms.png"
+    callback = GradientNorms((x[:8], y[:8]), every_steps=2, sink=mlflow.log_metrics, plot_path=plot)
     with mlflow.start_run() as run:
         callback.set_model(model)
         bn_before = [v.numpy().copy() for v in model.non_trainable_variables]
@@ -140,19 +145,20 @@ def test_gradient_norm_callback_logs_every_layer(tracking):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/conv_a")]
     assert steps == [0, 2, 4]
     assert [s for s, _ in callback.records] == [0, 2, 4]
+    assert plot.exists()
     assert all(v > 0 for _, norms in callback.records for v in norms.values())
 
 
-def test_epochs_to_target_and_chief_only(tracking):
+def test_epochs_to_target_and_no_sink(tracking):
     import mlflow
     from pipelines.callbacks import EpochsToTarget
 
     with mlflow.start_run() as run:
-        cb = EpochsToTarget(0.9)
+        cb = EpochsToTarget(0.9, sink=mlflow.log_metrics)
         for epoch, acc in enumerate([0.5, 0.92, 0.95]):
             cb.on_epoch_end(epoch, {"val_accuracy": acc})
         cb.on_train_end()
-        silent = EpochsToTarget(0.1, chief=False)
+        silent = EpochsToTarget(0.1)  # a worker's: measures, logs nothing
         silent.on_epoch_end(0, {"val_accuracy": 0.5})
     assert cb.epoch == 2 and silent.epoch == 1
     metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
@@ -278,14 +284,14 @@ def test_image_bytes_signature_applies_the_family_centre_crop():
 
     import models
     from data.images import preprocess_images
-    from pipelines.tasks.base import get_task
+    from pipelines.tasks.base import RunContext, get_task
 
     config = validate_config({"name": "x", "model": {"name": "lenet5"}, "data": {"crop_fraction": 0.75}})
-    task = get_task("classification")(config)
+    task = get_task("classification")(RunContext(config))
     model = models.create_model("lenet5", input_shape=(32, 32, 1), num_classes=10)
-    info = {"image_shape": [32, 32, 1], "raw_shape": [48, 48, 1], "num_classes": 10,
-            "preprocessing": task.preprocessing}
-    endpoints = {e.name: e for e in task.endpoints(model, info)}
+    info = task.Info(image_shape=[32, 32, 1], raw_shape=[48, 48, 1], num_classes=10,
+                     preprocessing=task.preprocessing)
+    endpoints = {e.name: e for e in task.serving(model, info).endpoints}
     image = np.random.default_rng(0).integers(0, 256, size=(48, 48, 1), dtype=np.uint8)
     png = tf.io.encode_png(image).numpy()
     served = endpoints["image_bytes"].fn(tf.constant([png]))["probabilities"].numpy()
