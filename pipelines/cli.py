@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
                 "to resume it into the same MLflow run.",
                 file=sys.stderr,
             )
-            return 143
+            return EXIT_PREEMPTED
         outs.append({k: summary.to_dict()[k] for k in keys})
         if len(configs) > 1:
             outs[-1]["variant"] = config.tracking.run_name
@@ -188,18 +188,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# Exit codes: what a cron job, Airflow or a shell script can act on (README "Failure behaviour").
+EXIT_OK, EXIT_CONFIG, EXIT_DATA, EXIT_TRACKING, EXIT_DIVERGED = 0, 2, 3, 4, 5
+EXIT_INTERRUPTED, EXIT_PREEMPTED = 130, 143
+
+
+def _user_error(exc: BaseException) -> int | None:
+    """The exit code of an error that is the user's (config, data, tracking store), or None
+    for a bug (which keeps its traceback). Checked by class name where the class lives in a
+    module that imports TensorFlow or MLflow, so listing commands stay light."""
+    from data.splits import DataError
     from pipelines.config import ConfigError
 
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, ConfigError) or "StrategyError" in names:
+        return EXIT_CONFIG
+    if isinstance(exc, DataError):
+        return EXIT_DATA
+    if "MlflowException" in names:
+        return EXIT_TRACKING
+    if "TrainingDiverged" in names:
+        return EXIT_DIVERGED
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as exc:
-        print(f"deeptrends: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("deeptrends: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        code = _user_error(exc)
+        if code is None:
+            raise
+        from pipelines.config import short_repr
+
+        message = getattr(exc, "message", None) or str(exc) or short_repr(exc)
+        if len(message) > 4000:
+            message = message[:4000] + f"... ({len(message)} characters)"
+        print(f"deeptrends: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

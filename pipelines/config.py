@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# Names that become folders (runs/<name>/, serving/<registered model>/), MLflow names and
+# TF Serving model names: letters, digits, '_', '.', '-'; no leading dot, no quote or slash.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+INT32_MAX = 2**31 - 1
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Count = Annotated[int, Field(gt=0, le=INT32_MAX)]  # a positive count that fits an int32
+NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class ConfigError(ValueError):
@@ -42,7 +51,7 @@ class ModelConfig(BaseModel):
 class AugmentConfig(_Section):
     """Training-time augmentation, applied per batch."""
 
-    pad_crop: int = Field(0, ge=0, description="pixels of padding before a random crop back to size")
+    pad_crop: int = Field(0, ge=0, le=4096, description="pixels of padding before a random crop back to size")
     flip: bool | None = Field(None, description="random horizontal flip; None: the model family's PREPROCESSING")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="max rotation in degrees")
     zoom: float = Field(0.0, ge=0.0, lt=1.0, description="max relative zoom in/out")
@@ -58,10 +67,10 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "digits"
     dir: str | None = Field(None, description="TFDS data_dir; default $DEEPTRENDS_DATA_DIR-aware cache")
-    image_size: int | None = Field(None, gt=0, description="resize images to this square size")
+    image_size: int | None = Field(None, gt=0, le=8192, description="resize images to this square size")
     channels: Literal[1, 3] | None = None
     cache: bool = True
-    shuffle_buffer: int = Field(10_000, gt=0)
+    shuffle_buffer: Count = 10_000
     deterministic: bool = True
     drop_remainder: bool = Field(
         True,
@@ -97,9 +106,9 @@ class ScheduleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(32, gt=0, description="the global batch")
-    steps_per_epoch: int | None = Field(None, gt=0, description="cap steps per epoch (tiny budgets)")
+    epochs: int = Field(10, gt=0, le=1_000_000)
+    batch_size: int = Field(32, gt=0, le=1_048_576, description="the global batch")
+    steps_per_epoch: Count | None = Field(None, description="cap steps per epoch (tiny budgets)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     learning_rate: float = Field(1e-3, gt=0.0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -107,11 +116,11 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     clipnorm: float | None = Field(None, gt=0.0)
     global_clipnorm: float | None = Field(None, gt=0.0)
-    bptt_steps: int | None = Field(None, gt=0, description="language models: truncated BPTT over stateful chunks of this many steps")
-    validation_freq: int = Field(1, gt=0)
-    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N steps")
+    bptt_steps: Count | None = Field(None, description="language models: truncated BPTT over stateful chunks of this many steps")
+    validation_freq: Count = 1
+    checkpoint_every_steps: Count | None = Field(None, description="also checkpoint every N steps")
     scale_learning_rate: bool = Field(False, description="linear scaling: lr x replicas")
-    early_stopping_patience: int | None = Field(None, gt=0)
+    early_stopping_patience: Count | None = None
     tensorboard: bool = False
     verbose: Literal[0, 1, 2] = 1
 
@@ -130,14 +139,14 @@ class ClusterConfig(_Section):
     """A multi-worker cluster spelled out in the config (else ``TF_CONFIG`` is used)."""
 
     workers: list[str] = Field(min_length=1, description="host:port of every worker, chief first")
-    index: int = Field(0, ge=0, description="this process's index in workers")
+    index: NonNegative = Field(0, description="this process's index in workers")
 
 
 class RuntimeConfig(_Section):
-    seed: int = 42
+    seed: NonNegative = Field(42, description="0 .. 2**31-1")
     strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"] = "default"
     devices: list[str] | None = Field(None, description="device list for one_device/mirrored")
-    virtual_cpus: int | None = Field(None, ge=1, description="split the CPU into N logical devices")
+    virtual_cpus: int | None = Field(None, ge=1, le=256, description="split the CPU into N logical devices")
     cluster: ClusterConfig | None = None
     collective: Literal["auto", "ring", "nccl"] = "auto"
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
@@ -156,9 +165,9 @@ class GateConfig(_Section):
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    experiment: str | None = Field(None, description="default: the config name")
-    run_name: str | None = None
-    registered_model: str | None = Field(None, description="default: the config name")
+    experiment: Name | None = Field(None, description="default: the config name")
+    run_name: str | None = Field(None, max_length=250)
+    registered_model: Name | None = Field(None, description="default: the config name")
     log_model: bool = Field(True, description="log and register the model (and gate it)")
     gate: GateConfig = Field(default_factory=GateConfig)
     tags: dict[str, str] = Field(default_factory=dict)
@@ -167,12 +176,12 @@ class TrackingConfig(_Section):
 class ExportConfig(_Section):
     enabled: bool = True
     serving_dir: str = "serving"
-    warmup_requests: int = Field(4, ge=0)
+    warmup_requests: int = Field(4, ge=0, le=1000)
     atol: float = Field(1e-5, gt=0.0, description="max |saved - keras| on the check batch")
 
 
 class ExperimentConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: Name
     task: str = Field("classification", description="a registered task (pipelines/tasks/)")
     description: str = ""
     model: ModelConfig
@@ -226,8 +235,14 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg = f"unknown key. Accepted keys here: {', '.join(accepted)}"
         elif e["type"] == "literal_error":
             msg = msg.replace("Input should be", "accepted values are")
-        lines.append(f"  {path}: {msg} (got {value!r})")
+        lines.append(f"  {path}: {msg} (got {short_repr(value)})")
     return "\n".join(lines)
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters: errors never echo a huge input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _accepted_keys(loc: tuple) -> list[str]:
@@ -247,16 +262,16 @@ def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set value {text!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"--set value {short_repr(text)} is not valid YAML: {exc}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides to a raw config dict (validation happens afterwards)."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
         parts = key.strip().split(".")
+        if not sep or not all(part.strip() for part in parts):
+            raise ConfigError(f"--set {short_repr(item)}: expected KEY=VALUE, e.g. train.epochs=5")
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -264,7 +279,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])
-                raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+                raise ConfigError(f"--set {short_repr(item)}: {where} is a value, not a section")
             node = child
         node[parts[-1]] = _parse_value(value)
     return raw
@@ -272,6 +287,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"Config {str(path)!r} is a directory; expected a YAML file or a config name.")
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist.")
@@ -282,7 +299,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     close = difflib.get_close_matches(name_or_path, list_configs(), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
-        f"Unknown config {name_or_path!r}: not a registered experiment nor a YAML file.{hint} "
+        f"Unknown config {short_repr(name_or_path)}: not a registered experiment nor a YAML file.{hint} "
         f"Registered: {', '.join(list_configs())}."
     )
 
@@ -290,6 +307,10 @@ def resolve_config_path(name_or_path: str) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -236,7 +236,8 @@ class RunTracker:
 
     @property
     def sink(self):
-        """``log_metrics`` for callbacks (None when this process tracks nothing)."""
+        """``log_metrics`` for callbacks, called once the run has started (None when this
+        process tracks nothing)."""
         return self.log_metrics if self.enabled else None
 
     def set_tags(self, tags: dict[str, Any]) -> None:

@@ -89,21 +89,22 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
     effective = effective_config(config, replicas)
     slot = ResumeSlot(config, runtime.worker_name(), chief)
     start = (TrainingCheckpoint.peek(slot.checkpoint_dir) if slot.resuming else None) or Position()
-    with RunTracker(config, enabled=chief, run_id=slot.run_id) as tracker, slot.session(tracker):
-        run_dir = Path(config.runtime.work_dir) / config.name / (tracker.run_id or _timestamp())
-        context = RunContext(effective, replicas, start.epoch, start.step, run_dir, chief, strategy,
-                             tracker.sink)
-        task = get_task(config.task)(context)
+    tracker = RunTracker(config, enabled=chief, run_id=slot.run_id)
+    context = RunContext(effective, replicas, start.epoch, start.step, chief=chief,
+                         strategy=strategy, log_metrics=tracker.sink)
+    task = get_task(config.task)(context)
 
-        # -- data ------------------------------------------------------------------------
-        inputs = task.build_inputs()
+    # -- data: before the MLflow run starts, so bad data leaves nothing behind -------------
+    inputs = task.build_inputs()
+    with tracker, slot.session(tracker):
+        run_dir = Path(config.runtime.work_dir) / config.name / (tracker.run_id or _timestamp())
         resumed = slot.resuming and (start.epoch or start.step)
         resumed_at = f"epoch {start.epoch + 1} step {start.step}" if resumed else None
         tracker.log_start(run_params(config, effective, inputs, strategy), run_tags(config, inputs),
                           resumed_at)
 
         # -- model and fit ---------------------------------------------------------------
-        model, history = fit_model(task, inputs, context, slot=slot, tracker=tracker)
+        model, history = fit_model(task, inputs, context, run_dir, slot=slot, tracker=tracker)
         train_seconds = time.time() - started
         if not chief:  # evaluation, export and registration are the chief's
             return RunSummary(tracker.run_id, config.experiment_name, {}, None, None, [], None,
@@ -154,7 +155,8 @@ def effective_config(config: ExperimentConfig, replicas: int) -> ExperimentConfi
     return effective
 
 
-def fit_model(task, inputs, context, *, slot=None, tracker=None, extra_callbacks=()):
+def fit_model(task, inputs, context, run_dir: Path | None = None, *, slot=None, tracker=None,
+              extra_callbacks=()):
     """Build and compile the task's model in the strategy's scope, restore the slot's
     checkpoint, and train it with the shared loop under the config's budget; returns the
     model and the whole per-epoch history (earlier epochs of a resumed run included).
@@ -165,6 +167,7 @@ def fit_model(task, inputs, context, *, slot=None, tracker=None, extra_callbacks
     from pipelines.callbacks import HistoryRecorder
 
     config, strategy = context.config, context.strategy
+    run_dir = Path(run_dir) if run_dir is not None else Path(config.runtime.work_dir) / config.name
     start = loop.Position(context.start_epoch, context.start_step)
     checkpoint = None
     if slot is not None:
@@ -185,12 +188,12 @@ def fit_model(task, inputs, context, *, slot=None, tracker=None, extra_callbacks
     callbacks = [
         *(tracker.callbacks() if tracker is not None else []),
         keras.callbacks.TerminateOnNaN(),
-        *task.callbacks(inputs, context.run_dir),
+        *task.callbacks(inputs, run_dir),
         *extra_callbacks,
         HistoryRecorder(history, slot.save_history if slot is not None else None),
     ]
     if config.train.tensorboard and context.chief:
-        callbacks.append(keras.callbacks.TensorBoard(str(context.run_dir / "tensorboard")))
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     if config.train.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(

@@ -29,6 +29,7 @@ from pipelines.config import (
     apply_overrides,
     read_yaml,
     resolve_config_path,
+    short_repr,
     validate_config,
 )
 
@@ -44,16 +45,16 @@ def _parse_variants(raw: Any, source: str) -> list[tuple[str, list[str]]]:
         if not isinstance(item, dict) or set(item) - {"name", "set"} or "name" not in item:
             raise ConfigError(
                 f"{where}: expected a mapping with keys 'name' and 'set' "
-                f"(a list of KEY=VALUE). Got {item!r}"
+                f"(a list of KEY=VALUE). Got {short_repr(item)}"
             )
         name = item["name"]
         if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(f"{where}.name: {name!r} must match {_NAME.pattern}")
+            raise ConfigError(f"{where}.name: {short_repr(name)} must match {_NAME.pattern}")
         sets = item.get("set") or []
         if isinstance(sets, str):
             sets = [sets]
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
-            raise ConfigError(f"{where}.set: expected a list of KEY=VALUE strings. Got {sets!r}")
+            raise ConfigError(f"{where}.set: expected a list of KEY=VALUE strings. Got {short_repr(sets)}")
         if name in {n for n, _ in out}:
             raise ConfigError(f"{where}.name: {name!r} is used twice")
         out.append((name, sets))
@@ -84,11 +85,20 @@ def load_runs(
         parsed = [(n, s) for n, s in parsed if n in only]
     configs = []
     for name, sets in parsed:
+        where = f"{source} variant {name!r}"
         run = apply_overrides(copy.deepcopy(raw), sets + overrides)
-        tracking = run.setdefault("tracking", {}) or {}
+        tracking = run.get("tracking")
+        tracking = {} if tracking is None else tracking
+        if not isinstance(tracking, dict):
+            raise ConfigError(f"Invalid config {where}: tracking: expected a mapping (got {short_repr(tracking)})")
+        tags = tracking.get("tags")
+        tags = {} if tags is None else tags
+        if not isinstance(tags, dict):
+            raise ConfigError(f"Invalid config {where}: tracking.tags: expected a mapping of strings "
+                              f"(got {short_repr(tags)})")
         run["tracking"] = tracking
         tracking.setdefault("run_name", name)
         tracking.setdefault("registered_model", f"{run.get('name', 'experiment')}-{name}")
-        tracking["tags"] = {**(tracking.get("tags") or {}), "variant": name}
-        configs.append(validate_config(run, source=f"{source} variant {name!r}"))
+        tracking["tags"] = {**tags, "variant": name}
+        configs.append(validate_config(run, source=where))
     return configs

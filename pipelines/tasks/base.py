@@ -92,7 +92,8 @@ class RunContext:
 
     ``config`` is the effective config (learning rate already scaled for the replicas);
     ``start_epoch``/``start_step`` is where a resumed run continues: ``build_inputs``
-    returns a train stream that begins there. ``strategy`` is the ``tf.distribute``
+    returns a train stream that begins there (the driver builds the inputs before it
+    starts the MLflow run, so bad data fails with nothing written). ``strategy`` is the ``tf.distribute``
     strategy (for tasks that run a training phase of their own through ``loop.fit``).
     ``log_metrics(metrics, step)`` is the run tracker's sink for what callbacks measure
     during training (None where nothing is tracked: a worker, tracking off)."""
@@ -101,7 +102,6 @@ class RunContext:
     num_replicas: int = 1
     start_epoch: int = 0
     start_step: int = 0
-    run_dir: Path = Path(".")
     chief: bool = True
     strategy: Any = None
     log_metrics: Callable[[dict[str, float], int | None], None] | None = None
