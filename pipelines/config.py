@@ -178,6 +178,10 @@ class ExportConfig(_Section):
     serving_dir: str = "serving"
     warmup_requests: int = Field(4, ge=0, le=1000)
     atol: float = Field(1e-5, gt=0.0, description="max |saved - keras| on the check batch")
+    max_image_pixels: int = Field(
+        50_000_000, gt=0, le=INT32_MAX,
+        description="image_bytes signatures refuse images whose header promises more pixels",
+    )
 
 
 class ExperimentConfig(_Section):

@@ -1,7 +1,13 @@
-"""Serving signatures shared by the image tasks: raw encoded images (PNG/JPEG bytes of
-any size) decoded and preprocessed in the graph exactly as in training, and the
-classification outputs ``probabilities``, ``classes``, ``top5_classes``,
-``top5_probabilities``."""
+"""Serving signatures shared by the image tasks: raw encoded images (JPEG, PNG, GIF, BMP
+or WebP bytes of any size) decoded and preprocessed in the graph exactly as in training,
+and the classification outputs ``probabilities``, ``classes``, ``top5_classes``,
+``top5_probabilities``.
+
+A signature rejects what it cannot serve with ``InvalidArgumentError`` naming the input:
+a float batch of the wrong rank or shape, NaN/inf pixels, bytes that are no image, and an
+image whose header promises more than ``export.max_image_pixels`` pixels (read from the
+header before anything is decoded, so a small file that decodes to gigabytes costs
+nothing). An empty batch gives empty outputs."""
 
 from __future__ import annotations
 
@@ -13,17 +19,126 @@ from pipelines.evaluation.classification import main_output
 from pipelines.tasks.base import Endpoint
 
 
-def decode_image_bytes(image_bytes, image_shape, raw_channels: int, crop_fraction: float = 1.0):
-    """A batch of encoded images -> float32 ``[N, H, W, C]`` preprocessed as in training."""
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+
+def _bytes_at(data, offset: int, count: int):
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, count), tf.uint8), tf.int64)
+
+
+def _le(data, offset: int, count: int):
+    b = _bytes_at(data, offset, count)
+    return tf.reduce_sum(b * tf.constant([256**i for i in range(count)], tf.int64))
+
+
+def _be(data, offset: int, count: int):
+    b = _bytes_at(data, offset, count)
+    return tf.reduce_sum(b * tf.constant([256 ** (count - 1 - i) for i in range(count)], tf.int64))
+
+
+def image_header_size(data):
+    """(height, width) of one encoded image, read from its header only (JPEG, PNG, GIF,
+    BMP, WebP); height -1 for anything else."""
+    long_enough = tf.debugging.assert_greater_equal(
+        tf.strings.length(data), 30, message="image_bytes: too short to be an image"
+    )
+    with tf.control_dependencies([long_enough]):
+        data = tf.identity(data)
+    head = tf.strings.substr(data, 0, 4)
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return shape[0], shape[1]
+
+    def webp():
+        chunk = tf.strings.substr(data, 12, 4)
+        bits = _le(data, 21, 4)  # VP8L: 14 bits width - 1, then 14 bits height - 1
+        mask = tf.constant(0x3FFF, tf.int64)
+        lossless = (
+            1 + tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, tf.constant(14, tf.int64)), mask),
+            1 + tf.bitwise.bitwise_and(bits, mask),
+        )
+        return tf.case(
+            [
+                (tf.equal(chunk, b"VP8X"), lambda: (1 + _le(data, 27, 3), 1 + _le(data, 24, 3))),
+                (tf.equal(chunk, b"VP8L"), lambda: lossless),
+            ],
+            default=lambda: (
+                tf.bitwise.bitwise_and(_le(data, 28, 2), mask),
+                tf.bitwise.bitwise_and(_le(data, 26, 2), mask),
+            ),
+        )
+
+    def unknown():  # a negative height: the caller's check names the accepted formats
+        return tf.constant(-1, tf.int64), tf.constant(1, tf.int64)
+
+    is_webp = tf.logical_and(tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+    return tf.case(
+        [
+            (tf.equal(tf.strings.substr(data, 0, 2), b"\xff\xd8"), jpeg),
+            (tf.equal(head, b"\x89PNG"), lambda: (_be(data, 20, 4), _be(data, 16, 4))),
+            (tf.equal(head, b"GIF8"), lambda: (_le(data, 8, 2), _le(data, 6, 2))),
+            (tf.equal(tf.strings.substr(data, 0, 2), b"BM"),
+             lambda: (tf.abs(_signed32(_le(data, 22, 4))), _le(data, 18, 4))),
+            (is_webp, webp),
+        ],
+        default=unknown,
+    )
+
+
+def _signed32(value):
+    return tf.where(value >= 2**31, value - 2**32, value)
+
+
+def decode_image_bytes(
+    image_bytes,
+    image_shape,
+    raw_channels: int,
+    crop_fraction: float = 1.0,
+    raw_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+):
+    """A batch of encoded images -> float32 ``[N, H, W, C]`` preprocessed as in training.
+
+    ``raw_size``: the square size the training images were stored at (image folders keep
+    the centre square of each image at this size); serving does the same first, so a
+    non-square photo is cropped, not squashed, as in training."""
+    from data.folders import square_resize
+
     height, width, channels = (int(d) for d in image_shape)
 
     def decode(data):
-        image = tf.io.decode_image(data, channels=raw_channels, expand_animations=False)
-        image.set_shape([None, None, raw_channels])
+        h, w = image_header_size(data)
+        tf.debugging.assert_non_negative(
+            h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image"
+        )
+        tf.debugging.assert_less_equal(
+            h * w,
+            tf.constant(max_pixels, tf.int64),
+            message=f"image_bytes: the image is larger than export.max_image_pixels={max_pixels}",
+            summarize=2,
+        )
+        tf.debugging.assert_positive(h * w, message="image_bytes: the image has no pixels")
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        if raw_channels == 1:
+            image = tf.cast(tf.round(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))), tf.uint8)
+        if raw_size is not None:
+            image = square_resize(image, raw_size)
         return preprocess_images(image[None], height, channels, crop_fraction)[0]
 
     spec = tf.TensorSpec([height, width, channels], tf.float32)
     return tf.map_fn(decode, image_bytes, fn_output_signature=spec)
+
+
+def checked_images(images, image_shape, name: str = "images"):
+    """``images`` if it is a finite float batch of ``[N, *image_shape]``, else an
+    ``InvalidArgumentError`` naming the input and the expected shape."""
+    expected = [None, *(int(d) for d in image_shape)]
+    tf.debugging.assert_rank(images, 4, message=f"{name}: expected shape {expected}")
+    images = tf.ensure_shape(images, expected, name=f"{name}_shape")
+    tf.debugging.assert_all_finite(images, message=f"{name}: NaN or inf values")
+    return images
 
 
 def encode_check_images(images: np.ndarray, raw_channels: int, count: int = 4) -> np.ndarray:
@@ -44,15 +159,28 @@ def check_images(check_batch, image_shape, count: int = 8) -> np.ndarray:
     return np.random.default_rng(0).uniform(size=(4, *image_shape)).astype(np.float32)
 
 
-def image_classifier_endpoints(model, info, check_batch=None) -> list[Endpoint]:
+def predict_batch(model, images, output_shape):
+    """The model's main float32 output, or an empty ``[0, *output_shape]`` for an empty
+    batch (a zero-size batch would reach kernels that cannot take it)."""
+    return tf.cond(
+        tf.shape(images)[0] > 0,
+        lambda: tf.cast(main_output(model(images, training=False)), tf.float32),
+        lambda: tf.zeros([0, *output_shape], tf.float32),
+    )
+
+
+def image_classifier_endpoints(
+    model, info, check_batch=None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> list[Endpoint]:
     """``serving_default`` (preprocessed ``images``) and ``image_bytes`` (encoded images)
     of an image classifier described by ``info`` (an ``ImageInfo``)."""
     image_shape = [int(d) for d in info.image_shape]
     raw_channels = int(info.raw_shape[-1])
+    raw_size = int(info.raw_shape[0]) if info.raw_shape[0] == info.raw_shape[1] else None
     k = min(5, int(info.num_classes))
 
     def outputs(images):
-        probs = tf.cast(main_output(model(images, training=False)), tf.float32)
+        probs = predict_batch(model, images, [int(info.num_classes)])
         top_p, top_c = tf.math.top_k(probs, k=k)
         return {
             "probabilities": probs,
@@ -62,10 +190,14 @@ def image_classifier_endpoints(model, info, check_batch=None) -> list[Endpoint]:
         }
 
     def serve_images(images):
-        return outputs(images)
+        return outputs(checked_images(images, image_shape))
 
     def serve_bytes(image_bytes):
-        return outputs(decode_image_bytes(image_bytes, image_shape, raw_channels, info.crop_fraction))
+        return outputs(
+            decode_image_bytes(
+                image_bytes, image_shape, raw_channels, info.crop_fraction, raw_size, max_pixels
+            )
+        )
 
     images = check_images(check_batch, image_shape)
     return [

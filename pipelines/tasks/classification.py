@@ -128,4 +128,7 @@ class ClassificationTask(Task):
 
     def serving(self, model, info: ImageInfo, check_batch=None) -> Serving:
         network = served_network(model)
-        return Serving(network, image_classifier_endpoints(network, info, check_batch))
+        endpoints = image_classifier_endpoints(
+            network, info, check_batch, self.config.export.max_image_pixels
+        )
+        return Serving(network, endpoints)
