@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
     from pipelines.config import apply_overrides, validate_config
-    from pipelines.tasks.base import get_task
+    from pipelines.tasks.base import RunContext, get_task
     from pipelines.tracking import DEFAULT_URI
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
@@ -45,21 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     raw = yaml.safe_load(Path(client.download_artifacts(mv.run_id, "config.yaml")).read_text())
     config = validate_config(apply_overrides(raw, args.set), source=f"run {mv.run_id}")
     started = time.time()
-    keras.utils.set_random_seed(config.runtime.seed)
-    task = get_task(config.task)(config)
+    task = get_task(config.task)(RunContext(config=config))
     inputs = task.build_inputs()
-    trainer = task.build_model(inputs.info)
-    task.compile_model(trainer, inputs)  # before loading: the RBM's compile initialises biases
+    keras.utils.set_random_seed(config.runtime.seed)
+    trainer = task.build_model(inputs)  # compiled: the RBM's compile initialises biases first
     trainer.network.set_weights(mlflow.keras.load_model(args.model_uri).get_weights())
-    metrics = task.evaluate(trainer, inputs)
+    evaluation = task.evaluate(trainer, inputs)
     result = {
         "model_uri": args.model_uri,
         "run_id": mv.run_id,
         "overrides": args.set,
-        "metrics": metrics,
-        "fid_classifier": task.feature_classifier().record
-        if hasattr(task, "feature_classifier")
-        else None,
+        "metrics": evaluation.metrics,
+        "fid_classifier": {
+            k.removeprefix("fid_classifier."): v
+            for k, v in evaluation.tags.items()
+            if k.startswith("fid_classifier.")
+        },
         "seconds": round(time.time() - started, 1),
     }
     out = ROOT / "benchmarks" / "results" / f"{name}-v{version}-reevaluated.json"

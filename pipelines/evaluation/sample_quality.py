@@ -168,15 +168,10 @@ def load_feature_classifier(uri: str, test: tuple[np.ndarray, np.ndarray]) -> Fe
 
     record: dict = {"kind": "registered" if uri.startswith("models:/") else "file", "uri": uri}
     if uri.startswith("models:/"):
-        import mlflow
+        from pipelines import tracking  # the registry is read through tracking only
 
-        model = mlflow.keras.load_model(uri)
-        name, _, ref = uri.removeprefix("models:/").partition("@")
-        client = mlflow.MlflowClient()
-        if ref:
-            record["version"] = client.get_model_version_by_alias(name, ref).version
-        else:
-            record["version"] = uri.rstrip("/").rsplit("/", 1)[-1]
+        model = tracking.load_model(uri)
+        record["version"] = tracking.registered_version(uri)
     else:
         if not Path(uri).is_file():
             raise FileNotFoundError(

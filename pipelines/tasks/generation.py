@@ -2,62 +2,44 @@
 trained through the shared driver, evaluated in nats and in LeNet-5 feature space, with
 ``generate`` serving signatures.
 
-The model named in the config is built with ``models.create_model`` and wrapped in the
-``keras.Model`` whose ``train_step`` is its training algorithm (``pipelines.trainers.generative``).
+The model named in the config is built with ``models.create_model`` and wrapped in its
+family's trainer (``pipelines.trainers``), the ``keras.Model`` whose ``train_step`` is its
+training algorithm. The trainer is chosen once, from the model's family; everything that
+differs by family (config rules, metrics, optimizers, sampling, likelihoods, signatures,
+pictures) is a method of it, so this task never asks which family it trains.
+
 Images come from the dataset catalog in [0, 1]; ``task_options.binarize`` thresholds
 them (at 0.5 for the Bernoulli models, as the configs say) for training and the
 likelihood evaluation, while the Fréchet distance always compares samples with the
 un-binarised test images. ``task_options.validation_size`` images are held out of the
 training split for ``val_*`` metrics and early stopping, so the test split stays unseen
 until ``evaluate``.
-
-Also ``dbn_classification``: a ``dbn_classifier`` initialised from a greedily
-pre-trained DBN (trained here, or loaded from the registry) and fine-tuned by
-backpropagation, the 2006 recipe.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-import models
 from pipelines.config import ConfigError, ExperimentConfig
-from data.arrays import batched, binarize, repeating_dataset
-from data.images import ImageInputSpec, load_image_arrays
-from pipelines.callbacks import TimeLimit
-from pipelines.tasks.base import Endpoint, Inputs, Task, parse_options, register_task
+from pipelines.tasks.base import (
+    DatasetInfo,
+    Evaluation,
+    Inputs,
+    RunContext,
+    Serving,
+    Task,
+    first_batch,
+    register_task,
+)
 
-
-def image_spec(config: ExperimentConfig) -> ImageInputSpec:
-    """The image data of a config, read as arrays (no batching or augmentation here)."""
-    return ImageInputSpec(
-        name=config.data.name,
-        batch_size=config.train.batch_size,
-        seed=config.runtime.seed,
-        data_dir=config.data.dir,
-        image_size=config.data.image_size,
-        channels=config.data.channels,
-        options=config.data.options(),
-    )
-
-log = logging.getLogger(__name__)
-
-FAMILIES = {
-    "rbm": "rbm",
-    "dbn": "rbm",
-    "vae": "vae",
-    "gan": "gan",
-    "dcgan": "gan",
-    "draw": "draw",
-    "draw_no_attention": "draw",
-}
+SAMPLE_METRICS = ("fid", "confident_share", "min_class_share")
+REFERENCE_METRICS = ("fid_real", "fid_untrained", "fid_relative", "confident_share_real")
 
 
 class GenerationOptions(BaseModel):
@@ -91,14 +73,53 @@ class GenerationOptions(BaseModel):
     arithmetic: list[int] = Field(
         [7, 1, 9], min_length=3, max_length=3, description="groups A, B, C of A - B + C"
     )
-    pll_draws: int = Field(5, ge=1)
-    eval_batch: int = Field(500, ge=1)
+    pll_draws: int = Field(5, ge=1, description="RBM/DBN: bit flips per pseudo-likelihood image")
+    eval_batch: int = Field(500, ge=1, description="images per evaluation batch")
     max_train_minutes: float | None = Field(
         None, gt=0.0, description="stop training after this wall time"
     )
 
 
-# ------------------------------------------------------------------------------ task
+@dataclass
+class GenerationInfo(DatasetInfo):
+    """The generation task's ``dataset_info.json`` (``num_eval``: the validation images
+    the driver evaluates each epoch; ``num_test``: the test images of ``evaluate``)."""
+
+    family: str = ""
+    image_shape: list[int] = field(default_factory=list)
+    raw_shape: list[int] = field(default_factory=list)
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    num_validation: int = 0
+    num_test: int = 0
+    binarize: float | None = None
+    gibbs_steps: int = 200
+
+
+@dataclass
+class GenerationData:
+    """The arrays ``evaluate`` needs: the splits in [0, 1] (the feature classifier and the
+    Fréchet distance see these) and the test images as the model sees them."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    test_model: np.ndarray
+    fit_images: np.ndarray  # the training images as the model sees them
+    fingerprint: str
+
+
+def _image_spec(config: ExperimentConfig):
+    from data.images import ImageInputSpec
+
+    return ImageInputSpec(
+        name=config.data.name,
+        batch_size=config.train.batch_size,
+        seed=config.runtime.seed,
+        data_dir=config.data.dir,
+        image_size=config.data.image_size,
+        channels=config.data.channels,
+        options=config.data.options(),
+    )
 
 
 @register_task("generation")
@@ -106,55 +127,41 @@ class GenerationTask(Task):
     """Train a generative network with its own algorithm; evaluate likelihoods and
     sample quality; export ``generate`` signatures."""
 
-    metric_names = (
-        "loss",
-        "neg_elbo",
-        "iw_neg_elbo",
-        "recon_error",
-        "pseudo_log_likelihood",
-        "free_energy",
-        "fid",
-        "confident_share",
-        "min_class_share",
-        "fid_real",
-        "fid_untrained",
-        "fid_relative",
-        "confident_share_real",
-    )
+    Options = GenerationOptions
+    Info = GenerationInfo
 
-    def __init__(self, config: ExperimentConfig):
-        super().__init__(config)
-        family = FAMILIES.get(config.model.name)
-        if family is None:
-            raise ConfigError(
-                f"model.name: task 'generation' trains {', '.join(sorted(FAMILIES))}; "
-                f"received {config.model.name!r}."
-            )
-        self.family = family
-        self.options: GenerationOptions = parse_options(
-            GenerationOptions, config.task_options, "generation"
-        )
-        likelihood = config.model.kwargs().get("likelihood", "bernoulli")
-        if family == "vae" and likelihood == "gaussian" and self.options.binarize is not None:
-            raise ConfigError(
-                "task_options.binarize: a Gaussian likelihood (model.likelihood: gaussian) "
-                "needs grey pixels, but binarize is "
-                f"{self.options.binarize}; set task_options.binarize: null."
-            )
-        if family in ("rbm",) and self.options.binarize is None:
-            log.warning(
-                "%s: a Bernoulli RBM on grey pixels; set task_options.binarize: 0.5", config.name
-            )
-        self.arrays: dict[str, Any] | None = None
-        self._classifier = None
-        self._eval: dict[str, Any] = {}
+    def __init__(self, context: RunContext):
+        super().__init__(context)
+        self.check(self.config, self.options)
+        import models
+        from pipelines.trainers import trainer_class
 
-    # -- data -------------------------------------------------------------------------
+        self.family = models.model_info(self.config.model.name).family  # dataset_info.json
+        self.trainer_class = trainer_class(self.config.model.name)  # chosen once
+
+    # -- config checks ------------------------------------------------------------------
+    @classmethod
+    def check(cls, config: ExperimentConfig, options: GenerationOptions) -> None:
+        from pipelines.trainers import trainer_class
+
+        trainer_class(config.model.name).check(config, options)
+
+    @classmethod
+    def metric_names(cls, config: ExperimentConfig, options: GenerationOptions) -> tuple[str, ...]:
+        from pipelines.trainers import trainer_class
+
+        names = trainer_class(config.model.name).metric_names(config, options)
+        references = REFERENCE_METRICS if options.reference_fids else ()
+        return tuple(dict.fromkeys((*names, *SAMPLE_METRICS, *references)))
+
+    # -- data ---------------------------------------------------------------------------
     def build_inputs(self) -> Inputs:
+        from data.arrays import batched, binarize, repeating_dataset
+        from data.images import load_image_arrays
         from data.splits import stratified_split
 
-        cfg, opts = self.config, self.options
-        arrays = load_image_arrays(image_spec(cfg))
+        cfg, opts, ctx = self.config, self.options, self.context
+        arrays = load_image_arrays(_image_spec(cfg))
         x, y = arrays["train"]
         if opts.validation_size >= len(x):
             raise ConfigError(
@@ -166,434 +173,166 @@ class GenerationTask(Task):
         else:
             train_idx, val_idx = np.arange(len(x)), np.arange(0)
         model_x = binarize(x, opts.binarize)
-        arrays["fit"] = (model_x[train_idx], y[train_idx])
-        arrays["val"] = (model_x[val_idx], y[val_idx]) if len(val_idx) else arrays["fit"]
-        arrays["test_model"] = binarize(arrays["test"][0], opts.binarize)
-        self.arrays = arrays
+        fit = (model_x[train_idx], y[train_idx])
+        val = (model_x[val_idx], y[val_idx]) if len(val_idx) else fit
         batch = cfg.train.batch_size
         if batch > len(train_idx):
             raise ConfigError(
                 f"train.batch_size: {batch} exceeds the {len(train_idx)} training images."
             )
         steps = cfg.train.steps_per_epoch or len(train_idx) // batch
-        train = repeating_dataset(*arrays["fit"], batch, cfg.runtime.seed)
-        evals = batched(*arrays["val"], batch)
-        image_shape = list(x.shape[1:])
+        # the stream of an uninterrupted run, from where a resumed run continues
+        train = repeating_dataset(*fit, batch, cfg.runtime.seed)
+        if ctx.start_epoch or ctx.start_step:
+            train = train.skip(ctx.start_epoch * steps + ctx.start_step)
+        evals = batched(*val, batch)
+        test = arrays["test"]
         return Inputs(
             train=train,
             eval=evals,
             steps_per_epoch=steps,
-            info={
-                "dataset": cfg.data.name,
-                "family": self.family,
-                "image_shape": image_shape,
-                "raw_shape": arrays["raw_shape"],
-                "num_classes": len(arrays["class_names"]),
-                "class_names": arrays["class_names"],
-                "num_train": int(len(train_idx)),
-                "num_validation": int(len(val_idx)),
-                "num_test": int(len(arrays["test"][0])),
-                "binarize": opts.binarize,
-                "source": arrays["source"],
-                "gibbs_steps": opts.gibbs_steps,
-            },
+            info=GenerationInfo(
+                dataset=cfg.data.name,
+                num_train=int(len(train_idx)),
+                num_eval=int(len(val[0])),
+                source=arrays["source"],
+                family=self.family,
+                image_shape=list(x.shape[1:]),
+                raw_shape=arrays["raw_shape"],
+                num_classes=len(arrays["class_names"]),
+                class_names=arrays["class_names"],
+                num_validation=int(len(val_idx)),
+                num_test=int(len(test[0])),
+                binarize=opts.binarize,
+                gibbs_steps=opts.gibbs_steps,
+            ),
+            check_batch=first_batch(evals),
             fingerprint=arrays["fingerprint"],
+            data=GenerationData(
+                train=arrays["train"],
+                test=test,
+                test_model=binarize(test[0], opts.binarize),
+                fit_images=fit[0],
+                fingerprint=arrays["fingerprint"],
+            ),
         )
 
-    # -- model ------------------------------------------------------------------------
-    def build_network(self, info: dict[str, Any]):
-        kwargs = {"input_shape": tuple(info["image_shape"]), **self.config.model.kwargs()}
+    # -- model ----------------------------------------------------------------------------
+    def build_network(self, info: GenerationInfo):
+        import models
+
+        kwargs = {"input_shape": tuple(info.image_shape), **self.config.model.kwargs()}
         return models.create_model(self.config.model.name, **kwargs)
 
-    def build_model(self, info: dict[str, Any]):
-        from pipelines.trainers import generative as gen
-
-        network = self.build_network(info)
-        seed = self.config.runtime.seed
-        if self.family == "rbm":
-            trainer = gen.RBMTrainer(
-                network,
-                cd_k=self.options.cd_k,
-                persistent=self.options.persistent,
-                batch_size=self.config.train.batch_size,
-                seed=seed,
-            )
-            self._layers = len(trainer.rbms)
-            self.epochs_per_layer(self._layers)  # a bad list fails before training
-            return trainer
-        if self.family == "vae":
-            return gen.VAETrainer(network, seed=seed)
-        if self.family == "gan":
-            return gen.GANTrainer(
-                network, label_smoothing=self.config.train.label_smoothing, seed=seed
-            )
-        return gen.DRAWTrainer(network, seed=seed)
-
-    def compile_model(self, model, inputs: Inputs) -> None:
-        from pipelines.optim import build_optimizer
-        from pipelines.trainers import generative as gen
-
-        train, steps, jit = (
-            self.config.train,
+    def build_model(self, inputs: Inputs):
+        cfg = self.config
+        trainer = self.trainer_class.for_config(self.build_network(inputs.info), cfg, self.options)
+        trainer.compile_for(
+            cfg.train,
             inputs.steps_per_epoch,
-            self.config.runtime.jit_compile,
+            images=inputs.data.fit_images,
+            jit_compile=cfg.runtime.jit_compile,
         )
-        if self.family == "rbm":
-            gen.init_visible_bias(model.rbms[0], self.arrays["fit"][0])
-            # each RBM's optimizer, and so its learning-rate schedule, spans its own epochs
-            model.compile(
-                [
-                    build_optimizer(train.model_copy(update={"epochs": e}), steps)
-                    for e in self.epochs_per_layer(len(model.rbms))
-                ],
-                jit_compile=jit,
-            )
-        elif self.family == "gan":
-            model.compile(
-                build_optimizer(train, steps), build_optimizer(train, steps), jit_compile=jit
-            )
-        else:
-            model.compile(optimizer=build_optimizer(train, steps), jit_compile=jit)
+        return trainer
 
-    def epochs_per_layer(self, layers: int) -> list[int]:
-        if self.options.epochs_per_layer is not None:
-            if len(self.options.epochs_per_layer) != layers:
-                raise ConfigError(
-                    f"task_options.epochs_per_layer: {len(self.options.epochs_per_layer)} "
-                    f"entries for {layers} RBMs."
-                )
-            epochs = list(self.options.epochs_per_layer)
-        else:
-            epochs = [max(1, self.config.train.epochs // layers)] * layers
-        # the top RBM trains for any epochs left over (GreedyLayerSchedule does the same)
-        epochs[-1] = max(epochs[-1], self.config.train.epochs - sum(epochs[:-1]))
-        return epochs
+    def callbacks(self, inputs: Inputs, run_dir: Path) -> list:
+        from pipelines.callbacks import TimeLimit
+        from pipelines.trainers.base import SampleGrids
 
-    def callbacks(self, run_dir: Path, inputs: Inputs) -> list:
-        from pipelines.trainers import generative as gen
-
-        out = []
-        if self.family == "rbm":
-            out.append(gen.GreedyLayerSchedule(self.epochs_per_layer(self._layers)))
+        out = list(self.trainer_class.callbacks(self.config, self.options))
         if self.options.max_train_minutes:
-            out.append(
-                TimeLimit(
-                    self.options.max_train_minutes * 60.0,
-                    restore_best=self.family in ("vae", "draw"),
-                )
-            )
+            restore = self.trainer_class.restore_best_weights
+            out.append(TimeLimit(self.options.max_train_minutes * 60.0, restore_best=restore))
         if self.options.sample_every:
-            out.append(
-                SampleGrids(self, run_dir / "artifacts" / "samples", self.options.sample_every)
-            )
+            folder = run_dir / "artifacts" / "samples"
+            out.append(SampleGrids(folder, self.options.sample_every))
         return out
 
-    # -- sampling -----------------------------------------------------------------------
-    def sample(self, network, n: int, seed: int = 0, batch: int = 500) -> np.ndarray:
-        """``n`` images in [0, 1]; GAN/VAE/DRAW image ``i`` is that of seed ``seed + i``."""
-        import tensorflow as tf
-
-        from pipelines.trainers import generative as gen
-
-        if self.family == "rbm":
-            return gen.rbm_generate_batch(network, n, seed, self.options.gibbs_steps, batch)
-        shape = gen.latent_shape(self.family, network)
-        out = []
-        for start in range(0, n, batch):
-            seeds = tf.range(seed + start, seed + min(n, start + batch), dtype=tf.int64)
-            z = gen.latents_from_seeds(seeds, shape)
-            out.append(np.asarray(gen.decode_latents(self.family, network, z)))
-        return np.concatenate(out)
-
     # -- evaluation ---------------------------------------------------------------------
-    def feature_classifier(self):
+    def feature_classifier(self, data: GenerationData):
+        """The LeNet-5 whose F6 features the Fréchet distance compares: registered or a
+        file (``task_options.fid_classifier``), else trained on the training split (and
+        cached under the work dir, keyed by the data and its epochs)."""
         from pipelines.evaluation import sample_quality as ev
 
-        if self._classifier is None:
-            arrays, opts = self.arrays, self.options
-            if opts.fid_classifier:
-                self._classifier = ev.load_feature_classifier(opts.fid_classifier, arrays["test"])
-            else:
-                shape = "x".join(str(d) for d in arrays["train"][0].shape[1:])
-                cache = (
-                    Path(self.config.runtime.work_dir)
-                    / "_fid_classifiers"
-                    / f"lenet5-{self.config.data.name}-{arrays['fingerprint']}-{shape}"
-                    f"-e{opts.fid_classifier_epochs}.keras"
-                )
-                self._classifier = ev.train_feature_classifier(
-                    arrays["train"],
-                    arrays["test"],
-                    cache,
-                    seed=self.config.runtime.seed,
-                    epochs=opts.fid_classifier_epochs,
-                    source=f"{self.config.data.name}:{arrays['fingerprint']} train split",
-                )
-        return self._classifier
+        cfg, opts = self.config, self.options
+        if opts.fid_classifier:
+            return ev.load_feature_classifier(opts.fid_classifier, data.test)
+        shape = "x".join(str(d) for d in data.train[0].shape[1:])
+        cache = (
+            Path(cfg.runtime.work_dir)
+            / "_fid_classifiers"
+            / f"lenet5-{cfg.data.name}-{data.fingerprint}-{shape}"
+            f"-e{opts.fid_classifier_epochs}.keras"
+        )
+        return ev.train_feature_classifier(
+            data.train,
+            data.test,
+            cache,
+            seed=cfg.runtime.seed,
+            epochs=opts.fid_classifier_epochs,
+            source=f"{cfg.data.name}:{data.fingerprint} train split",
+        )
 
-    def evaluate(self, model, inputs: Inputs) -> dict[str, float]:
-        import tensorflow as tf
+    def evaluate(self, model, inputs: Inputs) -> Evaluation:
+        import keras
 
-        from pipelines.trainers import generative as gen
+        from data.arrays import batched
         from pipelines.evaluation import sample_quality as ev
 
-        opts, arrays = self.options, self.arrays
-        network = model.network
-        test_x, test_y = arrays["test_model"], arrays["test"][1]
-        metrics = {
-            k: float(v)
-            for k, v in model.evaluate(
-                batched(test_x, test_y, opts.eval_batch), return_dict=True, verbose=0
-            ).items()
-        }
-        if self.family in ("vae", "draw"):
-            elbo, iw = [], []
-            for i in range(0, len(test_x), opts.eval_batch):
-                log_w = model.log_weights(
-                    tf.constant(test_x[i : i + opts.eval_batch]), opts.iw_samples, seed=i
-                )
-                elbo.append(-tf.reduce_mean(log_w, axis=0).numpy())
-                iw.append(-(tf.reduce_logsumexp(log_w, axis=0) - np.log(opts.iw_samples)).numpy())
-            metrics["neg_elbo"] = float(np.mean(np.concatenate(elbo)))
-            metrics["iw_neg_elbo"] = float(np.mean(np.concatenate(iw)))
-        if self.family == "rbm":
-            flat = test_x.reshape(len(test_x), -1)
-            metrics["recon_error"] = metrics.pop("recon_error", float("nan"))
-            first = model.rbms[0]
-            metrics["pseudo_log_likelihood"] = gen.pseudo_log_likelihood(
-                first, flat, opts.pll_draws, self.config.runtime.seed
-            )
-            metrics["free_energy"] = float(tf.reduce_mean(first.free_energy(tf.constant(flat))))
+        cfg, opts, data = self.config, self.options, inputs.data
+        test_x, test_y = data.test_model, data.test[1]
+        batches = batched(test_x, test_y, opts.eval_batch)
+        losses = model.evaluate(batches, return_dict=True, verbose=0)
+        metrics = {k: float(v) for k, v in losses.items()}
+        metrics.update(model.likelihood_metrics(test_x, opts, seed=cfg.runtime.seed))
+
         # sample quality in LeNet-5 feature space
-        clf = self.feature_classifier()
-        real = arrays["test"][0]
+        clf = self.feature_classifier(data)
+        real = data.test[0]
         real_feats, real_probs = clf.features_and_probs(real)
-        n = opts.fid_samples
-        samples = self.sample(network, n, seed=0)
+        samples = model.sample(opts.fid_samples, seed=0)
         metrics.update(ev.sample_quality(clf, samples, real_feats))
         if opts.reference_fids:
-            train_feats, _ = clf.features_and_probs(arrays["train"][0][: len(real)])
+            train_feats, _ = clf.features_and_probs(data.train[0][: len(real)])
             metrics["fid_real"] = ev.frechet_distance(train_feats, real_feats)
             metrics["confident_share_real"] = float(np.mean(real_probs.max(1) > ev.CONFIDENCE))
-            import keras
-
-            keras.utils.set_random_seed(self.config.runtime.seed)
-            untrained = self.build_network(inputs.info)
-            metrics["fid_untrained"] = ev.sample_quality(
-                clf, self.sample(untrained, n, seed=0), real_feats
-            )["fid"]
+            keras.utils.set_random_seed(cfg.runtime.seed)
+            untrained = self.trainer_class.for_network(self.build_network(inputs.info), inputs.info)
+            untrained_samples = untrained.sample(opts.fid_samples, seed=0)
+            metrics["fid_untrained"] = ev.sample_quality(clf, untrained_samples, real_feats)["fid"]
             metrics["fid_relative"] = ev.relative_distance(
                 metrics["fid"], metrics["fid_real"], metrics["fid_untrained"]
             )
         _, probs = clf.features_and_probs(samples)
-        self._eval = {
-            "samples": samples,
-            "sample_labels": probs.argmax(1),
-            "class_shares": (
-                np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
-            ).tolist(),
-            "classifier": clf.record,
+        labels = probs.argmax(1)
+        record = {
+            "class_shares": (np.bincount(labels, minlength=probs.shape[1]) / len(probs)).tolist(),
+            "fid_classifier": clf.record,
+            "protocol": f"{opts.fid_samples} samples (seeds 0..) vs the {len(real)} test "
+            "images, LeNet-5 F6 features",
         }
-        self._tag_classifier(clf.record)
-        return metrics
 
-    def _tag_classifier(self, record: dict) -> None:
-        try:
-            import mlflow
+        def write_samples(out_dir: Path) -> None:
+            ev.save_grid(samples[:100], out_dir / "samples.png", columns=10)
+            (out_dir / "sample_quality.json").write_text(json.dumps(record, indent=2))
 
-            if mlflow.active_run() is not None:
-                mlflow.set_tags({f"fid_classifier.{k}": str(v) for k, v in record.items()})
-        except Exception as exc:  # tracking is optional here; the record is also an artifact
-            log.warning("could not tag the FID classifier: %s", exc)
-
-    def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
-        from pipelines.evaluation import sample_quality as ev
-        from pipelines import plots
-
-        plots.learning_curves(history, out_dir / "learning_curves.png", title=self.config.name)
-        network = model.network
-        ev_state = self._eval
-        if "samples" in ev_state:
-            ev.save_grid(ev_state["samples"][:100], out_dir / "samples.png", columns=10)
-            (out_dir / "sample_quality.json").write_text(
-                json.dumps(
-                    {
-                        "class_shares": ev_state["class_shares"],
-                        "fid_classifier": ev_state["classifier"],
-                        "protocol": f"{self.options.fid_samples} samples (seeds 0..) vs the "
-                        f"{len(self.arrays['test'][0])} test images, LeNet-5 F6 features",
-                    },
-                    indent=2,
-                )
-            )
-        test_x = self.arrays["test_model"]
-        if self.family == "rbm":
-            write_rbm_artifacts(model, test_x, out_dir)
-        else:
-            write_latent_artifacts(self, network, out_dir)
+        artifacts = [
+            write_samples,
+            *model.artifacts(test_x, test_y, labels, tuple(opts.arithmetic)),
+        ]
+        tags = {f"fid_classifier.{k}": str(v) for k, v in clf.record.items()}
+        return Evaluation(metrics=metrics, tags=tags, artifacts=artifacts)
 
     # -- serving ------------------------------------------------------------------------
-    def serving_model(self, model):
-        return model.network
+    def serving(self, model, info: GenerationInfo, check_batch: Any = None) -> Serving:
+        """The network and its ``generate`` signatures. ``model`` is the trainer after
+        training, or the logged network when a registered version is exported again."""
+        from pipelines.trainers.base import GenerativeTrainer
 
-    def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
-        import tensorflow as tf
-
-        from pipelines.trainers import generative as gen
-
-        family = info.get("family", self.family)
-        seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
-        seeds = np.arange(4, dtype=np.int64)
-
-        def outputs(pixels, canvases=None):
-            out = {"images": gen.to_uint8(pixels), "pixels": tf.cast(pixels, tf.float32)}
-            if canvases is not None:
-                out["canvases"] = gen.to_uint8(canvases)
-            return out
-
-        if family == "rbm":
-            steps = int(info.get("gibbs_steps", self.options.gibbs_steps))
-
-            def generate_rbm(seed):
-                return outputs(gen.rbm_generate(model, seed, steps))
-
-            return [Endpoint("serving_default", generate_rbm, [seed_spec], [seeds])]
-
-        shape = gen.latent_shape(family, model)
-        latent_spec = tf.TensorSpec([None, *shape], tf.float32, name="latents")
-        latents = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
-
-        def from_latents(z):
-            if family == "draw":
-                canvases = gen.decode_latents(family, model, z, all_steps=True)
-                return outputs(canvases[:, -1], canvases)
-            return outputs(gen.decode_latents(family, model, z))
-
-        def generate(seed):
-            return from_latents(gen.latents_from_seeds(seed, shape))
-
-        eps = [
-            Endpoint("serving_default", generate, [seed_spec], [seeds]),
-            Endpoint("generate_latents", from_latents, [latent_spec], [latents]),
-        ]
-        if family == "vae":
-            h, w, c = (int(d) for d in info["image_shape"])
-            images_spec = tf.TensorSpec([None, h, w, c], tf.float32, name="images")
-            encoder = model.get_layer("encoder")
-            if check_batch is not None:
-                images = np.asarray(check_batch[0], np.float32)[:4]
-            else:
-                images = np.random.default_rng(0).uniform(size=(4, h, w, c)).astype(np.float32)
-
-            def encode(images):
-                mean, log_var = encoder(images, training=False)
-                return {"z_mean": mean, "z_log_var": log_var}
-
-            eps.append(Endpoint("encode", encode, [images_spec], [images]))
-            eps.append(Endpoint("decode", from_latents, [latent_spec], [latents]))
-        return eps
-
-
-def write_rbm_artifacts(model, test_x: np.ndarray, out_dir: Path) -> None:
-    from pipelines.evaluation import sample_quality as ev
-
-    first = model.rbms[0]
-    shape = test_x.shape[1:]
-    kernel = np.asarray(first.kernel).T[:100]  # [units, V]
-    lo, hi = kernel.min(1, keepdims=True), kernel.max(1, keepdims=True)
-    filters = ((kernel - lo) / np.maximum(hi - lo, 1e-8)).reshape((-1, *shape))
-    ev.save_grid(filters, out_dir / "rbm1_filters.png", columns=10)
-    flat = test_x[:10].reshape(10, -1)
-    x = flat
-    for layer in model.rbms:
-        x = layer.hidden_probs(x)
-    for layer in reversed(model.rbms):
-        x = layer.visible_probs(x)
-    pairs = np.concatenate([test_x[:10], np.asarray(x).reshape((-1, *shape))])
-    ev.save_grid(pairs, out_dir / "reconstructions.png", columns=10)
-
-
-def write_latent_artifacts(task: GenerationTask, network, out_dir: Path) -> None:
-    """Interpolations, vector arithmetic and (VAE/DRAW) reconstructions; DRAW's canvas GIF."""
-    import tensorflow as tf
-
-    from pipelines.trainers import generative as gen
-    from pipelines.evaluation import sample_quality as ev
-
-    family = task.family
-    shape = gen.latent_shape(family, network)
-
-    def decode(z):
-        return np.asarray(
-            gen.decode_latents(family, network, tf.constant(np.asarray(z, np.float32)))
-        )
-
-    seeds = tf.range(0, 16, dtype=tf.int64)
-    z = gen.latents_from_seeds(seeds, shape).numpy()
-    rows = [ev.interpolate(z[2 * i], z[2 * i + 1], 10, spherical=True) for i in range(8)]
-    ev.save_grid(decode(np.concatenate(rows)), out_dir / "interpolation.png", columns=10)
-
-    # vector arithmetic: groups by label (VAE: encoded test images) or by the classifier's
-    # label of generated samples (GAN, DRAW)
-    a, b, c = task.options.arithmetic
-    if family == "vae":
-        test_x, test_y = task.arrays["test_model"], task.arrays["test"][1]
-        latents = np.asarray(network.get_layer("encoder")(test_x[:2000], training=False)[0])
-        groups, how = test_y[: len(latents)], "labels of encoded test images"
-    else:
-        n = len(task._eval.get("sample_labels", []))
-        latents = (
-            gen.latents_from_seeds(tf.range(0, n, dtype=tf.int64), shape).numpy()
-            if n
-            else np.zeros((0, *shape))
-        )
-        groups, how = (
-            task._eval.get("sample_labels", np.zeros(0)),
-            "LeNet-5 labels of generated samples",
-        )
-    try:
-        res = ev.latent_arithmetic(latents, groups, a, b, c, noise_scale=0.25, count=7, seed=0)
-        panel = np.concatenate(
-            [decode(np.stack([res["a"], res["b"], res["c"]])), decode(res["result"])]
-        )
-        ev.save_grid(panel, out_dir / "arithmetic.png", columns=10)
-        (out_dir / "arithmetic.json").write_text(
-            json.dumps(
-                {
-                    "expression": f"mean({a}) - mean({b}) + mean({c})",
-                    "groups_by": how,
-                    "panel": "A, B, C group means, then 7 results with noise 0.25",
-                },
-                indent=2,
-            )
-        )
-    except ValueError as exc:
-        log.warning("latent arithmetic skipped: %s", exc)
-    if family in ("vae", "draw"):
-        test_x = task.arrays["test_model"][:10]
-        if family == "vae":
-            mean, _ = network.get_layer("encoder")(test_x, training=False)
-            recon = decode(mean)
+        if isinstance(model, GenerativeTrainer):
+            trainer = model
         else:
-            noise = np.zeros((len(test_x), *shape), np.float32)
-            recon = tf.sigmoid(network([test_x, noise], training=False)[0][:, -1]).numpy()
-        ev.save_grid(np.concatenate([test_x, recon]), out_dir / "reconstructions.png", columns=10)
-    if family == "draw":
-        canvases = np.asarray(gen.decode_latents(family, network, tf.constant(z), all_steps=True))
-        ev.save_canvas_gif(canvases, out_dir / "canvas.gif", columns=8, scale=2)
-
-
-class SampleGrids(keras.callbacks.Callback):
-    """A grid of samples from fixed seeds every ``every`` epochs, into ``folder``."""
-
-    def __init__(self, task: GenerationTask, folder: Path, every: int = 1, count: int = 64):
-        super().__init__()
-        self.task, self.folder, self.every, self.count = task, folder, every, count
-
-    def on_epoch_end(self, epoch, logs=None):
-        from pipelines.evaluation import sample_quality as ev
-
-        if (epoch + 1) % self.every:
-            return
-        images = self.task.sample(self.model.network, self.count, seed=0, batch=self.count)
-        ev.save_grid(images, self.folder / f"epoch_{epoch + 1:03d}.png")
+            trainer = self.trainer_class.for_network(model, info)
+        images = None if check_batch is None else np.asarray(check_batch[0], np.float32)
+        return Serving(model=trainer.network, endpoints=trainer.endpoints(images))
