@@ -55,8 +55,8 @@ def main(argv=None) -> int:
 
     @register_task("translation_benchmark")
     class BudgetedTranslation(TranslationTask):
-        def callbacks(self, run_dir, inputs):
-            return [*super().callbacks(run_dir, inputs), Budget()]
+        def callbacks(self, inputs, run_dir):
+            return [*super().callbacks(inputs, run_dir), Budget()]
 
     config = load_config(args.config, ["task=translation_benchmark", *args.set])
     started = time.time()

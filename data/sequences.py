@@ -13,6 +13,10 @@ modelling text.
   ``x[t]`` and label ``x[t+1]``; ``stateful=True`` lays the stream out as ``batch_size``
   parallel rows read chunk after chunk (truncated BPTT: chunk ``k + 1`` of a row continues
   chunk ``k``).
+
+Every training stream repeats before it is batched (a stateful one batches whole rows
+only), so no training batch is partial, for any replica count: there is nothing for
+``data.drop_remainder`` to drop. An epoch is ``ceil(examples / batch_size)`` batches.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import tensorflow as tf
 
 from data.splits import DataError
 
-PROBLEMS = ("adding", "recall")
+# each generated problem and the head it needs
+PROBLEMS = {"adding": "regression", "recall": "classification"}
+LM_RESERVED = ("<pad>", "<unk>", "<eos>")
 
 
 @dataclass
@@ -104,14 +110,11 @@ def load_generated(
             generate_adding(num_train, length, rng_train),
             generate_adding(num_eval, length, rng_eval),
         )
-        kind, info = "regression", {"input_dim": 2, "num_outputs": 1, "sequence_length": length}
+        info = {"input_dim": 2, "num_outputs": 1, "sequence_length": length}
     else:
         train = generate_recall(num_train, length, symbols, rng_train)
         evals = generate_recall(num_eval, length, symbols, rng_eval)
-        kind, info = (
-            "classification",
-            {"vocab_size": symbols + 1, "num_outputs": symbols, "sequence_length": length},
-        )
+        info = {"vocab_size": symbols + 1, "num_outputs": symbols, "sequence_length": length}
     train_ds = (
         tf.data.Dataset.from_tensor_slices(train)
         .repeat()
@@ -126,7 +129,7 @@ def load_generated(
     return SequenceData(
         train_ds,
         eval_ds,
-        kind,
+        PROBLEMS[problem],
         -(-num_train // batch_size),
         num_train,
         num_eval,
@@ -209,7 +212,8 @@ def load_text_lm(
         seq_len: int. Tokens per window (``train.bptt_steps`` when truncated BPTT is used).
         stateful: bool. Lay the stream out for a stateful model (see the module docstring).
     """
-    from data.translation import build_vocabulary, default_corpus_path, tokenize
+    from data.text import build_vocabulary, tokenize
+    from data.translation import default_corpus_path
 
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(
@@ -230,7 +234,7 @@ def load_text_lm(
     if not train_lines:
         raise DataError(f"{file}: too few sentences ({len(order)}) for a train/eval split")
     train_tok, eval_tok = tokenize(train_lines), tokenize(eval_lines)
-    vocab = build_vocabulary(train_tok, ("<pad>", "<unk>", "<eos>"), max_vocab, min_count)
+    vocab = build_vocabulary(train_tok, LM_RESERVED, max_vocab, min_count)
     index = {w: i for i, w in enumerate(vocab)}
 
     def stream(token_lists):

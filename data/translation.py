@@ -11,9 +11,12 @@ Splits are seeded and grouped by source sentence: every pair of one source sente
 in the same split, so no test or validation source sentence occurs in training (Tatoeba
 repeats sentences with several translations).
 
-Text is standardised in-graph by ``standardize`` (lower-case, punctuation split off as
-tokens) and split on spaces; the same TensorFlow function runs in the data pipeline and in
-the exported serving graph. Vocabularies come from the training split only.
+Tokenisation and vocabularies are ``data.text``'s (the same in-graph ``standardize`` runs
+in the data pipeline and in the exported serving graph). Vocabularies come from the
+training split only. The tokenisation options (``max_length``, ``source_vocab_size``,
+``target_vocab_size``, ``min_count``) are declared, with their defaults, once: in the
+dataset catalog's entries (``data/catalog.py``); ``build_translation_datasets`` takes them
+as keyword arguments, the loaders take the rest.
 """
 
 from __future__ import annotations
@@ -28,55 +31,17 @@ import tensorflow as tf
 
 from data.catalog import source_root
 from data.splits import DataError
+from data.text import (
+    SOURCE_RESERVED,
+    TARGET_RESERVED,
+    build_vocabulary,
+    encode_ids,
+    encode_targets,
+    tokenize,
+    trim_padding,
+)
 
 DIRECTIONS = ("forward", "reverse")
-PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
-SOURCE_RESERVED = (PAD, UNK, END)
-TARGET_RESERVED = (PAD, UNK, START, END)
-_PUNCT = r"""([.?!,;:"()¿¡«»„“”])"""
-
-
-# ---------------------------------------------------------------- text
-
-
-def standardize(text: tf.Tensor) -> tf.Tensor:
-    """string tensor -> lower-cased, punctuation split off as tokens, single spaces."""
-    text = tf.strings.lower(text, encoding="utf-8")
-    text = tf.strings.regex_replace(text, "[’‘`´]", "'")
-    text = tf.strings.regex_replace(text, _PUNCT, r" \1 ")
-    text = tf.strings.regex_replace(text, r"\s+", " ")
-    return tf.strings.strip(text)
-
-
-def detokenize(tokens: tf.Tensor) -> tf.Tensor:
-    """string tokens [B, T] ("" = none) -> sentences [B]: joined, no space before . , ! ? ; :"""
-    text = tf.strings.reduce_join(tokens, axis=-1, separator=" ")
-    text = tf.strings.regex_replace(text, r"\s+", " ")
-    text = tf.strings.strip(text)
-    return tf.strings.regex_replace(text, r" ([.?!,;:])", r"\1")
-
-
-def tokenize(sentences: list[str], batch: int = 4096) -> list[list[str]]:
-    """Python strings -> token lists with ``standardize`` (the serving graph's function)."""
-    out: list[list[str]] = []
-    for i in range(0, len(sentences), batch):
-        std = standardize(tf.constant(sentences[i : i + batch], dtype=tf.string)).numpy()
-        out.extend(s.decode("utf-8").split() for s in std)
-    return out
-
-
-def build_vocabulary(
-    token_lists, reserved: tuple[str, ...], max_size: int | None, min_count: int = 1
-) -> list[str]:
-    """``reserved`` then the words by falling frequency (ties alphabetical), capped."""
-    counts = collections.Counter(t for tokens in token_lists for t in tokens)
-    words = sorted(
-        (w for w, c in counts.items() if c >= min_count and w not in reserved),
-        key=lambda w: (-counts[w], w),
-    )
-    if max_size is not None:
-        words = words[: max(0, max_size - len(reserved))]
-    return [*reserved, *words]
 
 
 # ---------------------------------------------------------------- parsing
@@ -353,40 +318,44 @@ class TranslationData:
     dropped_long: int
 
 
-def encode_ids(token_lists, vocab: list[str], length: int, add_start: bool = False) -> np.ndarray:
-    """Token lists -> int32 ids [N, length] (+[END], optional [START]; truncated, 0-padded)."""
-    index = {w: i for i, w in enumerate(vocab)}
-    unk, end = index[UNK], index[END]
-    out = np.zeros((len(token_lists), length), dtype=np.int32)
-    for row, tokens in enumerate(token_lists):
-        ids = ([index[START]] if add_start else []) + [index.get(t, unk) for t in tokens]
-        ids = ids[: length - 1] + [end]
-        out[row, : len(ids)] = ids
-    return out
-
-
 def build_translation_datasets(
     raw: ParallelSplits,
     batch_size: int,
+    *,
+    max_length: int,
+    source_vocab_size: int | None,
+    target_vocab_size: int | None,
+    min_count: int,
     seed: int = 42,
-    max_length: int = 40,
-    source_vocab_size: int | None = 20000,
-    target_vocab_size: int | None = 20000,
-    min_count: int = 1,
 ) -> TranslationData:
     """Vocabularies from the training split, id tensors, batched tf.data pipelines.
 
     Training pairs with more than ``max_length`` tokens on either side are dropped (and
-    counted); the source then gets ``[END]``, the target is ``[START] ... `` as decoder input
-    and ``... [END]`` as label, both padded with 0 per batch.
+    counted); the source then gets ``[END]``, the target is ``[START] ...`` as decoder
+    input and ``... [END]`` as label, both padded with 0 per batch.
+
+    Args:
+        raw: ParallelSplits. The sentence pairs per split.
+        batch_size: int. The global batch size.
+        max_length: int. The most tokens of a training sentence (either side).
+        source_vocab_size: int or None. Cap of the source vocabulary (reserved included).
+        target_vocab_size: int or None. Cap of the target vocabulary (reserved included).
+        min_count: int. Rarer training words become ``[UNK]``.
+        seed: int. The shuffle seed of the training stream. The stream repeats before it
+            is shuffled and batched, so no batch is partial (for any replica count); an
+            epoch is ``ceil(pairs / batch_size)`` batches.
     """
     train_src, train_tgt = raw.splits["train"]
     src_tokens, tgt_tokens = tokenize(train_src), tokenize(train_tgt)
     keep = [
         i
-        for i, (s, t) in enumerate(zip(src_tokens, tgt_tokens, strict=False))
+        for i, (s, t) in enumerate(zip(src_tokens, tgt_tokens, strict=True))
         if len(s) <= max_length and len(t) <= max_length
     ]
+    if not keep:
+        raise DataError(
+            f"data.max_length: no training pair has at most {max_length} tokens on both sides."
+        )
     dropped = len(src_tokens) - len(keep)
     src_tokens = [src_tokens[i] for i in keep]
     tgt_tokens = [tgt_tokens[i] for i in keep]
@@ -396,14 +365,15 @@ def build_translation_datasets(
     t_len = max(len(t) for t in tgt_tokens) + 1
 
     def arrays(src_tok, tgt_tok):
-        src = encode_ids(src_tok, source_vocab, s_len)
-        tgt = encode_ids(tgt_tok, target_vocab, t_len + 1, add_start=True)
-        return src, tgt[:, :-1], tgt[:, 1:]
+        return (
+            encode_ids(src_tok, source_vocab, s_len),
+            *encode_targets(tgt_tok, target_vocab, t_len),
+        )
 
     def trim(src, tin, tout):  # per batch: cut the all-padding tail columns
-        s = tf.reduce_max(tf.reduce_sum(tf.cast(src > 0, tf.int32), axis=1))
-        t = tf.reduce_max(tf.reduce_sum(tf.cast(tout > 0, tf.int32), axis=1))
-        return (src[:, :s], tin[:, :t]), tout[:, :t]
+        (src,) = trim_padding(src)
+        tout, tin = trim_padding(tout, tin)
+        return (src, tin), tout
 
     src, tin, tout = arrays(src_tokens, tgt_tokens)
     n = len(src)
@@ -411,7 +381,7 @@ def build_translation_datasets(
         tf.data.Dataset.from_tensor_slices((src, tin, tout))
         .repeat()
         .shuffle(min(n, 50_000), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=False)
+        .batch(batch_size)
         .map(trim, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )

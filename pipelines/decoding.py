@@ -1,9 +1,28 @@
-"""In-graph autoregressive decoding: greedy and beam search as ``tf.while_loop``s.
+"""In-graph autoregressive decoding: greedy and beam search as ``tf.while_loop``s, shared
+by every model that writes text (translation, captioning).
 
-Both work on any model that exposes one decoder step,
-``step(token [B], states: list of [B, ...]) -> (logits [B, V], new states, attention [B, S])``,
-over ``context``: a list of per-sentence tensors (encoder annotations, keys, mask...) that
-the beam search tiles ``beam_width`` times. ``step`` receives ``*context`` after its states.
+The step protocol
+-----------------
+A network that ``generate`` decodes implements two methods (``models.seq2seq.Seq2Seq``
+does; an image captioner implements the same pair over image features)::
+
+    encode(inputs) -> (*context, states)
+        context: tensors [B, ...], one row per example, that every step reads (e.g. the
+            annotations [B, S, D], attention keys [B, S, A] and mask [B, S] of a source
+            sentence, or the [B, L, D] feature map of an image); beam search tiles them
+            ``beam_width`` times along the batch axis.
+        states: a list of the decoder's initial states, each [B, ...] (beam search
+            reorders them by hypothesis).
+    decode_step(token, states, *context) -> (logits, new_states, attention)
+        token: int32 [B], the previous token (``start_id`` first).
+        logits: [B, V] over the target vocabulary (any float dtype; cast to float32).
+        new_states: a list like ``states``.
+        attention: [B, S] weights over the context positions (returned by greedy
+            decoding as [B, T, S] for alignment plots; zeros if the network has none).
+
+Generation defaults may be attributes of the network: ``beam_width`` (1: greedy),
+``length_penalty`` (GNMT alpha) and ``max_decode_length``.
+
 Token ids: ``pad_id`` (0) is never predicted and fills finished rows, ``end_id`` ends a
 sentence, ``banned`` ids (e.g. ``[START]``) are never predicted.
 
@@ -135,3 +154,40 @@ def beam_search_decode(
     best = tf.argmax(normalized, axis=1, output_type=tf.int32)
     tokens = tf.gather(history, best, batch_dims=1)
     return tokens, tf.gather(normalized, best, batch_dims=1)
+
+
+def generate(
+    network,
+    inputs,
+    start_id: int,
+    end_id: int,
+    max_length: int,
+    beam_width: int = 1,
+    length_penalty: float = 0.0,
+    banned: tuple[int, ...] = (0,),
+):
+    """Encode ``inputs`` with ``network`` and decode them (the step protocol above):
+    greedy for ``beam_width == 1``, else beam search.
+
+    Returns (tokens int32 [B, T], 0 after ``end_id``; scores float32 [B]; attention
+    float32 [B, T, S] for greedy decoding, None for beam search)."""
+    *context, states = network.encode(inputs)
+    states = list(states)
+    batch = tf.shape(states[0])[0]
+    if beam_width == 1:
+        return greedy_decode(
+            network.decode_step, states, context, batch, start_id, end_id, max_length, banned
+        )
+    tokens, scores = beam_search_decode(
+        network.decode_step,
+        states,
+        context,
+        batch,
+        start_id,
+        end_id,
+        max_length,
+        beam_width,
+        length_penalty,
+        banned,
+    )
+    return tokens, scores, None

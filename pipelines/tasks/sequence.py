@@ -8,15 +8,17 @@ cut into chunks of ``bptt_steps``, and the state is reset at every epoch and eva
 The served model is a stateless twin with the same weights (a request must not see the
 state of the previous one).
 
-Metrics: ``mse`` (regression), ``accuracy`` (classification), ``perplexity`` (language
-models; ``exp`` of the mean per-token cross-entropy); ``loss`` always.
+Metrics, by what the data asks of the model: ``mse`` (regression: the adding problem),
+``accuracy`` (classification: first-symbol recall), ``perplexity`` (language models;
+``exp`` of the mean per-token cross-entropy); ``loss`` always. Run metrics:
+``num_params``, ``seconds_per_epoch``.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,192 +28,233 @@ import tensorflow as tf
 
 import models
 from data.catalog import check_options, get_dataset
-from pipelines.config import ConfigError
+from data.sequences import PROBLEMS
+from pipelines.callbacks import EpochTimer, ResetStates, reset_recurrent_states
+from pipelines.config import ConfigError, ExperimentConfig
+from pipelines.evaluation.text import Perplexity, masked_token_loss
 from pipelines.optim import build_optimizer
-from pipelines.tasks.base import Endpoint, Inputs, Task, register_task
+from pipelines.tasks.base import (
+    DatasetInfo,
+    Endpoint,
+    Evaluation,
+    Inputs,
+    Serving,
+    Task,
+    register_task,
+)
+
+LANGUAGE_MODEL = "language_model"
+HEAD_METRIC = {"regression": "mse", "classification": "accuracy", LANGUAGE_MODEL: "perplexity"}
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Seconds per training epoch (without validation), for same-budget comparisons."""
+@dataclass
+class SequenceInfo(DatasetInfo):
+    """What a recurrent model and its serving signature need to know about the data."""
 
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._last = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(getattr(self, "_last", time.perf_counter()) - self._start)
+    kind: str = ""  # "regression", "classification" or "language_model"
+    batch_size: int = 0  # the global batch (the parallel streams of a stateful model)
+    input_dim: int | None = None  # real-valued inputs [B, T, input_dim]
+    vocab_size: int | None = None  # token inputs
+    num_outputs: int | None = None
+    sequence_length: int | None = None
+    problem: str | None = None
+    seq_len: int | None = None  # language models: tokens per window
+    stateful: bool = False  # truncated BPTT
+    vocabulary: list[str] = field(default_factory=list)
 
 
-def log_run_metrics(values: dict[str, float]) -> None:
-    """Log extra metrics to the active MLflow run, if there is one (the driver owns the run)."""
-    import mlflow
+@dataclass
+class SequenceRecord:
+    """``Inputs.data``: what the run records for ``evaluate`` (the epoch timer's seconds)."""
 
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({k: float(v) for k, v in values.items()})
-
-
-def reset_recurrent_states(model) -> None:
-    for layer in model.layers:
-        if getattr(layer, "stateful", False) and hasattr(layer, "reset_states"):
-            layer.reset_states()
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
-class ResetStates(keras.callbacks.Callback):
-    """Truncated BPTT: a fresh state at the start of every epoch and every evaluation."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        reset_recurrent_states(self.model)
-
-    def on_test_begin(self, logs=None):
-        reset_recurrent_states(self.model)
-
-    def on_test_end(self, logs=None):
-        reset_recurrent_states(self.model)
+def is_language_model_name(name: str) -> bool:
+    """``rnn_lm``, ``lstm_lm``, ``gru_lm``: models built with the next-token head."""
+    return name.endswith("_lm")
 
 
-@keras.saving.register_keras_serializable(package="deeptrends")
-class Perplexity(keras.metrics.Mean):
-    """``exp`` of the mean token cross-entropy (from logits); padding (label 0) ignored."""
-
-    def __init__(self, name="perplexity", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-        mask = keras.ops.cast(keras.ops.not_equal(y_true, 0), ce.dtype)
-        return super().update_state(ce, sample_weight=mask)
-
-    def result(self):
-        return keras.ops.exp(super().result())
-
-
-@keras.saving.register_keras_serializable(package="deeptrends")
-def _masked_lm_loss(y_true, y_pred):
-    ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-    mask = keras.ops.cast(keras.ops.not_equal(y_true, 0), ce.dtype)
-    return keras.ops.sum(ce * mask) / keras.ops.maximum(keras.ops.sum(mask), 1.0)
+def _is_stateful(model) -> bool:
+    return any(getattr(layer, "stateful", False) for layer in model.layers)
 
 
 @register_task("sequence")
 class SequenceTask(Task):
     """RNN/LSTM/GRU on sequences: regression, classification or language modelling."""
 
-    metric_names = ("loss", "mse", "accuracy", "perplexity")
+    Info = SequenceInfo
 
-    def _load(self):
+    # -- config checks -------------------------------------------------------------
+    @classmethod
+    def output_kind(cls, config: ExperimentConfig) -> str:
+        """What the data asks of the model: ``regression``, ``classification`` or
+        ``language_model`` (from the dataset entry and its ``problem`` option)."""
+        entry = get_dataset(config.data.name)
+        if entry.kind == LANGUAGE_MODEL:
+            return LANGUAGE_MODEL
+        if entry.kind != "sequence":
+            raise ConfigError(
+                f"data.name: task 'sequence' reads sequence or language_model datasets; "
+                f"{config.data.name!r} is {entry.kind!r}."
+            )
+        problem = check_options(config.data.name, config.data.options()).get("problem")
+        if problem not in PROBLEMS:
+            raise ConfigError(
+                f"data.problem must be one of {sorted(PROBLEMS)}. Received: problem={problem!r}"
+            )
+        return PROBLEMS[problem]
+
+    @classmethod
+    def check(cls, config: ExperimentConfig, options) -> None:
+        name = config.model.name
+        declared = models.model_info(name).task
+        if declared != "sequence":
+            raise ConfigError(
+                f"model.name: {name!r} is a {declared} model; task 'sequence' trains rnn, "
+                "lstm, gru or their _lm variants."
+            )
+        kind = cls.output_kind(config)
+        if kind == LANGUAGE_MODEL:
+            if config.model.kwargs().get("bidirectional"):
+                raise ConfigError(
+                    "model.bidirectional: a language model may not read the future; "
+                    "remove model.bidirectional."
+                )
+            seq_len = config.data.options().get("seq_len")
+            bptt = config.train.bptt_steps
+            if bptt and seq_len is not None and seq_len != bptt:
+                raise ConfigError(
+                    f"data.seq_len: with train.bptt_steps={bptt} the windows are bptt_steps "
+                    f"long; data.seq_len={seq_len} contradicts it. Remove data.seq_len."
+                )
+            return
+        if is_language_model_name(name):
+            raise ConfigError(
+                f"model.name: {name!r} is a language model; dataset {config.data.name!r} "
+                f"asks for {kind} (one label per sequence): use rnn, lstm or gru."
+            )
+        if config.train.bptt_steps:
+            raise ConfigError(
+                "train.bptt_steps: truncated BPTT applies to language models (a stream); "
+                f"dataset {config.data.name!r} has one label per sequence. "
+                "Remove train.bptt_steps."
+            )
+
+    @classmethod
+    def metric_names(cls, config: ExperimentConfig, options) -> tuple[str, ...]:
+        return ("loss", HEAD_METRIC[cls.output_kind(config)])
+
+    # -- data --------------------------------------------------------------------------
+    def build_inputs(self) -> Inputs:
         cfg = self.config
         entry = get_dataset(cfg.data.name)
         kwargs = check_options(cfg.data.name, cfg.data.options())
         kwargs["batch_size"] = cfg.train.batch_size
-        if entry.kind == "language_model":
-            if cfg.train.bptt_steps:
-                kwargs["seq_len"] = cfg.train.bptt_steps
-                kwargs["stateful"] = True
-        elif entry.kind == "sequence":
-            if cfg.train.bptt_steps:
+        if entry.kind == LANGUAGE_MODEL and cfg.train.bptt_steps:
+            kwargs.update(seq_len=cfg.train.bptt_steps, stateful=True)
+            if cfg.train.batch_size % self.context.num_replicas:
                 raise ConfigError(
-                    "train.bptt_steps: truncated BPTT applies to language models (a stream); "
-                    f"dataset {cfg.data.name!r} has one label per sequence. "
-                    "Remove train.bptt_steps."
+                    f"train.batch_size: truncated BPTT splits the {cfg.train.batch_size} "
+                    f"parallel streams over {self.context.num_replicas} replicas; use a "
+                    "multiple of the replica count."
                 )
-        else:
-            raise ConfigError(
-                f"data.name: task 'sequence' reads sequence or language_model datasets; "
-                f"{cfg.data.name!r} is {entry.kind!r}."
-            )
         module, _, fn = entry.load.partition(":")
-        return getattr(importlib.import_module(module), fn)(**kwargs)
-
-    def build_inputs(self) -> Inputs:
-        data = self._load()
-        info = {
-            "dataset": self.config.data.name,
-            "kind": data.kind,
-            "num_train": data.num_train,
-            "num_eval": data.num_eval,
-            "source": data.source,
-            "batch_size": self.config.train.batch_size,
-            **data.info,
-        }
+        data = getattr(importlib.import_module(module), fn)(**kwargs)
+        info = SequenceInfo.from_dict(
+            {
+                "dataset": cfg.data.name,
+                "kind": data.kind,
+                "num_train": data.num_train,
+                "num_eval": data.num_eval,
+                "source": data.source,
+                "batch_size": cfg.train.batch_size,
+                **data.info,
+            }
+        )
+        steps = cfg.train.steps_per_epoch or data.steps_per_epoch
+        start = self.context.start_epoch * steps + self.context.start_step
+        check = next(iter(data.eval.take(1)), None)
         return Inputs(
-            train=data.train,
+            train=data.train.skip(start) if start else data.train,
             eval=data.eval,
-            steps_per_epoch=self.config.train.steps_per_epoch or data.steps_per_epoch,
+            steps_per_epoch=steps,
             info=info,
+            check_batch=None if check is None else np.asarray(check[0]),
             fingerprint=data.fingerprint,
+            data=SequenceRecord(),
         )
 
-    def _model_kwargs(self, info: dict[str, Any], stateful: bool | None = None) -> dict[str, Any]:
+    # -- model -------------------------------------------------------------------------
+    def _model_kwargs(self, info: SequenceInfo, stateful: bool, batch_size: int | None):
         name = self.config.model.name
-        kind = info["kind"]
         kwargs: dict[str, Any] = {}
-        if kind == "language_model":
-            kwargs["vocab_size"] = int(info["vocab_size"])
-            stateful = info.get("stateful", False) if stateful is None else stateful
+        if info.kind == LANGUAGE_MODEL:
+            kwargs["vocab_size"] = int(info.vocab_size)
             if stateful:
-                # the data holds batch_size parallel streams; each replica carries its share
-                kwargs.update(stateful=True, batch_size=int(info["batch_size"]) // max(1, self.num_replicas))
-            if not name.endswith("_lm"):
-                kwargs["head"] = "language_model"
+                kwargs.update(stateful=True, batch_size=int(batch_size))
+            if not is_language_model_name(name):
+                kwargs["head"] = LANGUAGE_MODEL
         else:
-            if "input_dim" in info:
-                kwargs["input_dim"] = int(info["input_dim"])
+            if info.input_dim is not None:
+                kwargs["input_dim"] = int(info.input_dim)
             else:
-                kwargs["vocab_size"] = int(info["vocab_size"])
-            kwargs["num_outputs"] = int(info["num_outputs"])
-            kwargs["sequence_length"] = int(info["sequence_length"])
-            if name.endswith("_lm"):
-                raise ConfigError(
-                    f"model.name: {name!r} is a language model; "
-                    f"dataset kind {kind!r} needs rnn, lstm or gru."
-                )
-            kwargs["head"] = kind
+                kwargs["vocab_size"] = int(info.vocab_size)
+            kwargs["num_outputs"] = int(info.num_outputs)
+            kwargs["sequence_length"] = int(info.sequence_length)
+            kwargs["head"] = info.kind
         kwargs.update(self.config.model.kwargs())
         return kwargs
 
-    def build_model(self, info: dict[str, Any]):
-        self._info = info
-        return models.create_model(self.config.model.name, **self._model_kwargs(info))
+    def _network(self, info: SequenceInfo, stateful: bool = False, batch_size: int | None = None):
+        return models.create_model(
+            self.config.model.name, **self._model_kwargs(info, stateful, batch_size)
+        )
 
-    def compile_model(self, model, inputs: Inputs) -> None:
-        kind = inputs.info["kind"]
-        if kind == "regression":
+    def _twin(self, model, info: SequenceInfo, stateful: bool, batch_size: int | None = None):
+        """A copy of ``model``'s weights in a model of another statefulness/batch."""
+        twin = self._network(info, stateful, batch_size)
+        twin.set_weights(model.get_weights())
+        return twin
+
+    def build_model(self, inputs: Inputs):
+        info: SequenceInfo = inputs.info
+        # a stateful model holds the state of its replica's share of the parallel streams
+        per_replica = info.batch_size // max(1, self.context.num_replicas)
+        model = self._network(info, info.stateful, per_replica)
+        if info.kind == "regression":
             loss, metrics = "mse", [keras.metrics.MeanSquaredError(name="mse")]
-        elif kind == "classification":
-            loss, metrics = (
-                "sparse_categorical_crossentropy",
-                [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            )
+        elif info.kind == "classification":
+            loss = "sparse_categorical_crossentropy"
+            metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         else:
-            loss, metrics = _masked_lm_loss, [Perplexity()]
+            loss, metrics = masked_token_loss, [Perplexity()]
         model.compile(
             optimizer=build_optimizer(self.config.train, inputs.steps_per_epoch),
             loss=loss,
             metrics=metrics,
             jit_compile=self.config.runtime.jit_compile,
         )
+        return model
 
-    def callbacks(self, run_dir: Path, inputs: Inputs) -> list:
-        self._timer = EpochTimer()
-        cbs = [self._timer]
-        if inputs.info.get("stateful"):
+    def callbacks(self, inputs: Inputs, run_dir: Path) -> list:
+        cbs: list = [EpochTimer(inputs.data.epoch_seconds)]
+        if inputs.info.stateful:
             cbs.append(ResetStates())
         return cbs
 
-    # -- evaluation ---------------------------------------------------------------
-    def evaluate(self, model, inputs: Inputs) -> dict[str, float]:
-        kind = inputs.info["kind"]
-        reset_recurrent_states(model)
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self, model, inputs: Inputs) -> Evaluation:
+        info: SequenceInfo = inputs.info
+        kind = info.kind
+        net = model
+        if info.stateful and model.inputs[0].shape[0] != info.batch_size:
+            # trained per replica: evaluate the whole batch of streams in one stateful copy
+            net = self._twin(model, info, True, info.batch_size)
+        reset_recurrent_states(net)
         total, count, correct = 0.0, 0, 0
         for x, y in inputs.eval:
-            pred = np.asarray(model(x, training=False), dtype=np.float64)
+            pred = np.asarray(net(x, training=False), dtype=np.float64)
             y = np.asarray(y)
             if kind == "regression":
                 total += float(np.sum((pred - y.reshape(pred.shape)) ** 2))
@@ -228,7 +271,7 @@ class SequenceTask(Task):
                 mask = y != 0
                 total += float(-np.sum(picked * mask))
                 count += int(mask.sum())
-        reset_recurrent_states(model)
+        reset_recurrent_states(net)
         mean = total / max(1, count)
         metrics = {"loss": mean}
         if kind == "regression":
@@ -237,33 +280,20 @@ class SequenceTask(Task):
             metrics["accuracy"] = correct / max(1, count)
         else:
             metrics["perplexity"] = float(math.exp(min(mean, 50.0)))
-        timer = getattr(self, "_timer", None)
-        extra = {"num_params": float(model.count_params())}
-        if timer is not None and timer.seconds:
-            extra["seconds_per_epoch"] = float(np.mean(timer.seconds))
-        log_run_metrics(extra)
-        return metrics
+        run_metrics = {"num_params": float(model.count_params())}
+        seconds = inputs.data.epoch_seconds if inputs.data is not None else []
+        if seconds:
+            run_metrics["seconds_per_epoch"] = float(np.mean(seconds))
+        return Evaluation(metrics=metrics, run_metrics=run_metrics)
 
-    def write_artifacts(self, model, history, inputs: Inputs, out_dir: Path) -> None:
-        from pipelines import plots
+    # -- serving -------------------------------------------------------------------------
+    def serving(self, model, info: DatasetInfo, check_batch: Any = None) -> Serving:
+        """A stateful (truncated-BPTT) model is served as a stateless twin with its weights."""
+        served = self._twin(model, info, False) if _is_stateful(model) else model
+        return Serving(served, [self._endpoint(served, info, check_batch)])
 
-        plots.learning_curves(history, out_dir / "learning_curves.png", title=self.config.name)
-
-    # -- serving ------------------------------------------------------------------
-    def serving_model(self, model):
-        """A stateless twin of a stateful (truncated-BPTT) model, with the same weights."""
-        info = getattr(self, "_info", None)
-        if info is None or not info.get("stateful"):
-            return model
-        twin = models.create_model(
-            self.config.model.name, **self._model_kwargs(info, stateful=False)
-        )
-        twin.set_weights(model.get_weights())
-        return twin
-
-    def endpoints(self, model, info: dict[str, Any], check_batch: Any = None) -> list[Endpoint]:
-        kind = info["kind"]
-        if kind == "language_model":
+    def _endpoint(self, model, info: SequenceInfo, check_batch: Any) -> Endpoint:
+        if info.kind == LANGUAGE_MODEL:
 
             def serve(tokens):
                 logits = tf.cast(model(tokens, training=False), tf.float32)  # [B, T, V]
@@ -276,22 +306,17 @@ class SequenceTask(Task):
                 }
 
             spec = tf.TensorSpec([None, None], tf.int32, name="tokens")
-            example = (
-                np.asarray(check_batch[0])[:4]
-                if check_batch is not None
-                else np.ones((2, 5), np.int32)
-            )
-            return [Endpoint("serving_default", serve, [spec], [example.astype(np.int32)])]
+            example = np.asarray(check_batch)[:4] if check_batch is not None else np.ones((2, 5))
+            return Endpoint("serving_default", serve, [spec], [example.astype(np.int32)])
 
-        length = int(info["sequence_length"])
-        if "input_dim" in info:
-            spec = tf.TensorSpec(
-                [None, length, int(info["input_dim"])], tf.float32, name="sequences"
-            )
+        length = int(info.sequence_length)
+        if info.input_dim is not None:
+            spec = tf.TensorSpec([None, length, int(info.input_dim)], tf.float32, name="sequences")
             dtype = np.float32
         else:
             spec = tf.TensorSpec([None, length], tf.int32, name="tokens")
             dtype = np.int32
+        kind = info.kind
 
         def serve(x):
             out = tf.cast(model(x, training=False), tf.float32)
@@ -303,7 +328,7 @@ class SequenceTask(Task):
             return {"predictions": out}
 
         if check_batch is not None:
-            example = np.asarray(check_batch[0])[:8].astype(dtype)
+            example = np.asarray(check_batch)[:8].astype(dtype)
         else:
             example = np.zeros([2, *spec.shape[1:]], dtype)
-        return [Endpoint("serving_default", serve, [spec], [example])]
+        return Endpoint("serving_default", serve, [spec], [example])

@@ -1,5 +1,5 @@
-"""Parallel corpora (parsing, grouped split, text standardisation) and the generated and
-text sequence datasets."""
+"""Text (standardisation, vocabularies, ids <-> text), parallel corpora (parsing, grouped
+split) and the generated and text sequence datasets."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ tf = pytest.importorskip("tensorflow")
 
 from data.sequences import _chunks, generate_adding, load_generated, load_text_lm  # noqa: E402
 from data.splits import DataError  # noqa: E402
+from data.text import (  # noqa: E402
+    TARGET_RESERVED,
+    build_vocabulary,
+    decode_ids,
+    detokenize,
+    encode_targets,
+    standardize,
+    tokenize,
+    trim_padding,
+)
 from data.translation import (  # noqa: E402
     build_translation_datasets,
-    detokenize,
     grouped_split,
     load_tsv_translation,
     read_parallel_corpus,
-    standardize,
-    tokenize,
 )
+
+# the tokenisation options as the catalog declares them
+TEXT = {"max_length": 40, "source_vocab_size": 20000, "target_vocab_size": 20000, "min_count": 1}
 from tests.conftest import shared_data_dir  # noqa: E402
 
 
@@ -86,11 +96,29 @@ def test_text_standardisation_round_trip():
     assert [s.decode() for s in out] == ["i'm tom.", ""]
 
 
+def test_vocabulary_and_ids_round_trip():
+    tokens = tokenize(["The cat sat.", "the dog, the cat!"])
+    assert tokens[1] == ["the", "dog", ",", "the", "cat", "!"]
+    vocab = build_vocabulary(tokens, TARGET_RESERVED, max_size=7, min_count=1)
+    assert vocab[:4] == list(TARGET_RESERVED) and vocab[4:] == ["the", "cat", "!"]
+    assert build_vocabulary(tokens, TARGET_RESERVED, None, min_count=2)[4:] == ["the", "cat"]
+    inputs, labels = encode_targets(tokens, vocab, length=7)  # the longest + 1
+    assert inputs[0, 0] == vocab.index("[START]") and labels[0, 4] == vocab.index("[END]")
+    np.testing.assert_array_equal(inputs[:, 1:], labels[:, :-1])
+    assert decode_ids(labels, vocab) == [
+        ["the", "cat", "[UNK]", "[UNK]"],
+        ["the"] + ["[UNK]"] * 2 + ["the", "cat", "!"],
+    ]
+    (a,) = trim_padding(tf.constant(inputs[:1]))
+    b, c = trim_padding(tf.constant(labels[:1]), tf.constant(inputs[:1]))
+    assert a.shape == (1, 6) and b.shape == c.shape == (1, 5)
+
+
 def test_vocabulary_from_training_split_only(tmp_path):
     lines = [f"word{i} a.\tWort{i} b." for i in range(60)]
     path = _write(tmp_path, "\n".join(lines) + "\n")
     raw = load_tsv_translation(path=str(path), direction="forward", test_size=10, validation_size=5)
-    data = build_translation_datasets(raw, batch_size=8)
+    data = build_translation_datasets(raw, batch_size=8, **TEXT)
     test_words = {t for s in tokenize(raw.splits["test"][0]) for t in s if t.startswith("word")}
     assert test_words and not test_words & set(data.source_vocab)
     (src, tin), tout = next(iter(data.train))

@@ -1,5 +1,6 @@
 """The sequence task through the driver (adding problem, truncated-BPTT language model),
-several-run experiments (``variants:``) and ``deeptrends compare``."""
+its config checks and per-config metrics, several-run experiments (``variants:``, every
+variant of the shipped claims validated) and ``deeptrends compare``."""
 
 from __future__ import annotations
 
@@ -88,11 +89,74 @@ def test_truncated_bptt_language_model(tmp_path):
 
 def test_bptt_is_for_language_models(tmp_path):
     from pipelines.tasks.sequence import SequenceTask
+    from pipelines.train import check_config
 
     raw = _workdir(tmp_path, ADDING)
     raw["train"]["bptt_steps"] = 5
+    config = validate_config(raw)
     with pytest.raises(ConfigError, match="train.bptt_steps"):
-        SequenceTask(validate_config(raw)).build_inputs()
+        SequenceTask.check(config, SequenceTask.parse_options(config))
+    with pytest.raises(ConfigError, match="train.bptt_steps"):
+        check_config(config)  # before anything runs
+
+
+@pytest.mark.parametrize(
+    ("data", "model", "metric"),
+    [
+        ({"name": "long_dependency"}, "gru", "mse"),
+        ({"name": "long_dependency", "problem": "recall"}, "lstm", "accuracy"),
+        ({"name": "text_lm"}, "gru_lm", "perplexity"),
+        ({"name": "text_lm"}, "rnn", "perplexity"),  # a plain cell gets the next-token head
+    ],
+)
+def test_metric_names_follow_the_config(tmp_path, data, model, metric):
+    from pipelines.tasks.sequence import SequenceTask
+    from pipelines.train import check_config
+
+    raw = _workdir(tmp_path, {**ADDING, "data": data, "model": {"name": model}})
+    config = validate_config(raw)
+    assert SequenceTask.metric_names(config, None) == ("loss", metric)
+    others = {"mse", "accuracy", "perplexity"} - {metric}
+    for wrong in sorted(others):
+        raw["tracking"] = {"gate": {"metric": wrong, "mode": "min"}}  # tracked: gate checked
+        with pytest.raises(ConfigError, match="tracking.gate.metric"):
+            check_config(validate_config(raw))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model": {"name": "lstm_lm"}}, "model.name"),  # an LM on one label per sequence
+        ({"model": {"name": "seq2seq"}}, "model.name: 'seq2seq' is a translation model"),
+        ({"data": {"name": "long_dependency", "problem": "copy"}}, "data.problem"),
+        ({"data": {"name": "digits"}}, "data.name"),
+        (
+            {
+                "data": {"name": "text_lm", "seq_len": 20},
+                "model": {"name": "gru_lm"},
+                "train": {"bptt_steps": 10},
+            },
+            "data.seq_len",
+        ),
+        (
+            {"data": {"name": "text_lm"}, "model": {"name": "gru_lm", "bidirectional": True}},
+            "model.bidirectional",
+        ),
+    ],
+)
+def test_cross_field_rules_name_the_field(tmp_path, change, field):
+    from pipelines.train import check_config
+
+    with pytest.raises(ConfigError, match=field):
+        check_config(validate_config(_workdir(tmp_path, {**ADDING, **change})))
+
+
+def test_claim_configs_validate_every_variant():
+    from pipelines.train import check_config
+
+    for name in ("claim-long-dependencies", "claim-lstm-vs-gru"):
+        for config in load_runs(name):
+            check_config(config)
 
 
 def test_variants_expand_into_runs(tmp_path):

@@ -1,23 +1,25 @@
-"""The translation task end to end on a tiny synthetic corpus: over-fitting 200 pairs,
-greedy = beam search of width 1, the SavedModel's string-to-string ``serving_default``
-equal to the in-process decode, and odd inputs (empty, unknown words, over-long)
-answered rather than crashed on."""
+"""The translation task on a tiny synthetic corpus, through the Task hooks: over-fitting
+200 pairs, greedy = beam search of width 1, the SavedModel's string-to-string
+``serving_default`` equal to the in-process decode, odd inputs (empty, unknown words,
+over-long) answered rather than crashed on, the ``.keras`` round trip of the translator;
+the config checks; the shared text metrics."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from pipelines.config import validate_config  # noqa: E402
+from pipelines.config import ConfigError, load_config, validate_config  # noqa: E402
 from pipelines.decoding import beam_search_decode, greedy_decode  # noqa: E402
-from pipelines.tasks.translation import TranslationTask, _normalise  # noqa: E402
+from pipelines.evaluation.text import corpus_bleu, exact_match  # noqa: E402
+from pipelines.tasks.base import RunContext  # noqa: E402
+from pipelines.tasks.translation import TranslationTask  # noqa: E402
 
 DE = (
     "ich du er sie wir hund katze haus baum rot blau gross klein sieht hat mag den einen sehr nicht"
@@ -42,11 +44,8 @@ def _corpus(path, n: int, seed: int = 0):
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    path = _corpus(tmp_path_factory.mktemp("nmt") / "tiny.tsv", 204)
-    config = validate_config(
+def _config(path, **train):
+    return validate_config(
         {
             "name": "tiny-nmt",
             "task": "translation",
@@ -65,40 +64,52 @@ def trained(tmp_path_factory):
                 "test_size": 2,
                 "validation_size": 2,
             },
-            "train": {"epochs": 1, "batch_size": 20, "learning_rate": 0.01, "global_clipnorm": 5.0},
+            "train": {
+                "epochs": 1,
+                "batch_size": 20,
+                "learning_rate": 0.01,
+                "global_clipnorm": 5.0,
+                **train,
+            },
             "tracking": {"enabled": False, "gate": {"metric": "bleu"}},
         }
     )
-    task = TranslationTask(config)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    path = _corpus(tmp_path_factory.mktemp("nmt") / "tiny.tsv", 204)
+    task = TranslationTask(RunContext(_config(path)))
     inputs = task.build_inputs()
-    model = task.build_model(inputs.info)
-    task.compile_model(model, inputs)
+    model = task.build_model(inputs)  # built and compiled
     model.fit(inputs.train, epochs=40, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
     return task, inputs, model
 
 
+@pytest.mark.slow
 def test_overfits_200_pairs(trained):
     task, inputs, model = trained
-    sources, targets = task.data.raw.splits["train"]
+    sources, targets = inputs.data.raw.splits["train"]
     assert len(sources) == 200
-    translations, scores = task.translate(
-        task.translator(model, inputs.info), sources, beam_width=1
-    )
-    pairs = zip(_normalise(translations), _normalise(targets), strict=True)
-    exact = np.mean([h == r for h, r in pairs])
-    assert exact >= 0.9, list(zip(sources, translations, strict=False))[:5]
+    translator = task.serving(model, inputs.info, inputs.check_batch).model
+    translations, scores = translator.generate(sources, beam_width=1)
+    assert exact_match(translations, targets) >= 0.9, list(zip(sources, translations, strict=True))[
+        :5
+    ]
     assert np.all(np.isfinite(scores))
 
 
+@pytest.mark.slow
 def test_beam_width_one_is_greedy(trained):
     task, inputs, model = trained
-    translator = task.translator(model, inputs.info)
-    ids = translator.tokenize(tf.constant(task.data.raw.splits["train"][0][:64] + ODD))
-    annotations, keys, mask, states = model.encode(ids)
+    translator = task.serving(model, inputs.info).model
+    ids = translator.prepare(tf.constant(inputs.data.raw.splits["train"][0][:64] + ODD))
+    *context, states = model.encode(ids)  # the step protocol of pipelines.decoding
     args = (
-        translator._step,
+        model.decode_step,
         states,
-        [annotations, keys, mask],
+        context,
         tf.shape(ids)[0],
         translator.start_id,
         translator.end_id,
@@ -110,28 +121,26 @@ def test_beam_width_one_is_greedy(trained):
     )
     np.testing.assert_array_equal(greedy.numpy(), beam.numpy())
     np.testing.assert_allclose(greedy_scores.numpy(), beam_scores.numpy(), rtol=1e-5)
-    a = translator.translate_fn(beam_width=1)(tf.constant(ODD))["translations"].numpy()
-    b = translator.translate_fn(beam_width=3)(tf.constant(ODD))["translations"].numpy()
+    a = translator.generate_fn(beam_width=1)(tf.constant(ODD))["translations"].numpy()
+    b = translator.generate_fn(beam_width=3)(tf.constant(ODD))["translations"].numpy()
     assert a.shape == b.shape == (len(ODD),)
 
 
+@pytest.mark.slow
 def test_saved_model_equals_in_process_decode(trained, tmp_path):
     from pipelines.serving.export import write_saved_model
 
     task, inputs, model = trained
-    task._info_for_serving = inputs.info
-    translator = task.serving_model(model)
-    endpoints = task.endpoints(translator, inputs.info, task.check_batch(inputs))
+    serving = task.serving(model, inputs.info, inputs.check_batch)
+    assert [e.name for e in serving.endpoints] == ["serving_default"]
     result = write_saved_model(
-        translator, endpoints, tmp_path / "1", model_name="tiny-nmt", warmup_requests=1
+        serving.model, serving.endpoints, tmp_path / "1", model_name="tiny-nmt", warmup_requests=1
     )
-    assert result.signatures == [
-        "serving_default"
-    ]  # write_saved_model compared every string already
+    assert result.signatures == ["serving_default"]  # write_saved_model compared the strings
     served = tf.saved_model.load(str(result.path)).signatures["serving_default"]
-    sentences = task.data.raw.splits["train"][0][:32] + ODD
+    sentences = inputs.data.raw.splits["train"][0][:32] + ODD
     got = served(sentences=tf.constant(sentences))
-    want = translator.translate_fn()(tf.constant(sentences))
+    want = serving.model.generate_fn()(tf.constant(sentences))
     assert set(got) == {"translations", "scores"}
     np.testing.assert_array_equal(got["translations"].numpy(), want["translations"].numpy())
     np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), atol=1e-5)
@@ -140,17 +149,121 @@ def test_saved_model_equals_in_process_decode(trained, tmp_path):
     assert np.all(np.isfinite(got["scores"].numpy()))
 
 
+@pytest.mark.slow
+def test_translator_keras_round_trip(trained, tmp_path):
+    task, inputs, model = trained
+    translator = task.serving(model, inputs.info).model
+    path = tmp_path / "translator.keras"
+    translator.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded).__name__ == "Translator" and loaded.seq2seq.beam_width == 3
+    sentences = inputs.data.raw.splits["train"][0][:16] + ODD
+    assert loaded.generate(sentences) == translator.generate(sentences)
+    # reexport rebuilds the endpoints from the logged model and dataset_info.json
+    info = TranslationTask.Info.from_dict(inputs.info.to_dict())
+    again = task.serving(loaded, info)
+    assert again.model is loaded
+
+
+@pytest.mark.slow
 def test_evaluate_and_artifacts(trained, tmp_path):
     task, inputs, model = trained
-    metrics = task.evaluate(model, inputs)
-    assert set(task.metric_names) <= set(metrics)
+    evaluation = task.evaluate(model, inputs)
+    metrics = evaluation.metrics
+    assert set(TranslationTask.metric_names(task.config, task.options)) == set(metrics)
     assert 0.0 <= metrics["bleu"] <= 100.0 + 1e-6 and 0.0 <= metrics["exact_match"] <= 1.0
-    assert "case:lc" in task.bleu_signature and "tok:13a" in task.bleu_signature
-    task.write_artifacts(model, {"loss": [2.0, 1.0], "val_loss": [2.1, 1.2]}, inputs, tmp_path)
+    signature = evaluation.tags["bleu.signature"]
+    assert "case:lc" in signature and "tok:13a" in signature
+    assert evaluation.tags["decode.beam_width"] == "3"
+    assert evaluation.run_metrics["num_params"] == model.count_params()
+    for write in evaluation.artifacts:
+        write(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {
         "sample_translations.md",
+        "test_translations.jsonl",
         "bleu_signature.txt",
         "attention_0.png",
-        "learning_curves.png",
     } <= names
+    assert (tmp_path / "bleu_signature.txt").read_text().strip() == signature
+
+
+@pytest.mark.slow
+def test_resumed_stream_continues_where_it_stopped(tmp_path):
+    path = _corpus(tmp_path / "tiny.tsv", 104)
+    config = _config(path, steps_per_epoch=3)
+    fresh = TranslationTask(RunContext(config)).build_inputs()
+    resumed = TranslationTask(RunContext(config, start_epoch=1, start_step=1)).build_inputs()
+    want = [b[1].numpy() for b in fresh.train.take(6)][4:]
+    got = [b[1].numpy() for b in resumed.train.take(2)]
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(w, g)
+
+
+@pytest.mark.slow
+def test_through_the_driver_and_reexport(tmp_path, monkeypatch):
+    """What a user runs: ``deeptrends train`` (tags, run metrics, artifacts, a served
+    string-to-string SavedModel), then ``deeptrends export`` of the registered version."""
+    from mlflow import MlflowClient
+    from pipelines.serving.reexport import export_registered
+    from pipelines.train import run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = _config(_corpus(tmp_path / "tiny.tsv", 64), steps_per_epoch=2, verbose=0).to_dict()
+    raw["tracking"] = {"uri": uri, "gate": {"metric": "bleu", "mode": "max"}}
+    raw["runtime"]["work_dir"] = str(tmp_path / "runs")
+    raw["export"] = {"serving_dir": str(tmp_path / "serving"), "warmup_requests": 1}
+    summary = run_experiment(validate_config(raw))
+    assert {"bleu", "bleu_greedy", "exact_match"} <= set(summary.metrics)
+    run = MlflowClient(uri).get_run(summary.run_id)
+    assert "tok:13a" in run.data.tags["bleu.signature"]
+    assert {"num_params", "seconds_per_epoch", "eval_bleu"} <= set(run.data.metrics)
+    artifacts = Path(summary.run_dir) / "artifacts"
+    assert {"bleu_signature.txt", "sample_translations.md", "learning_curves.png"} <= {
+        p.name for p in artifacts.iterdir()
+    }
+    sentences = tf.constant(["Ich sehe den Hund.", ""])
+    served = tf.saved_model.load(summary.export_path).signatures["serving_default"]
+    again = export_registered(f"models:/tiny-nmt/{summary.model_version}", tmp_path / "re", uri)
+    reloaded = tf.saved_model.load(str(again)).signatures["serving_default"]
+    np.testing.assert_array_equal(
+        served(sentences=sentences)["translations"].numpy(),
+        reloaded(sentences=sentences)["translations"].numpy(),
+    )
+
+
+def test_config_checks_name_the_field(tmp_path):
+    from pipelines.train import check_config
+
+    config = _config(tmp_path / "corpus.tsv")
+    check_config(config)  # valid: nothing runs, no file is read
+    assert "bleu" in TranslationTask.metric_names(config, None)
+    raw = config.to_dict()
+    with pytest.raises(ConfigError, match="train.bptt_steps"):
+        check_config(validate_config({**raw, "train": {**raw["train"], "bptt_steps": 5}}))
+    with pytest.raises(ConfigError, match="data.name"):
+        check_config(validate_config({**raw, "data": {"name": "long_dependency"}}))
+    with pytest.raises(ConfigError, match="model.name: 'gru_lm' is a sequence model"):
+        check_config(validate_config({**raw, "model": {"name": "gru_lm"}}))
+    gate = {**raw["tracking"], "enabled": True, "gate": {"metric": "perplexity", "mode": "min"}}
+    with pytest.raises(ConfigError, match="tracking.gate.metric"):
+        check_config(validate_config({**raw, "tracking": gate}))
+
+
+def test_shipped_translation_configs_validate():
+    from pipelines.train import check_config
+
+    for name in ("nmt-deu-eng", "nmt-deu-eng-lstm"):
+        check_config(load_config(name))
+
+
+def test_text_metrics():
+    hyps = ["the cat sat on the mat.", "a dog"]
+    assert corpus_bleu(hyps, ["The cat sat on the mat.", "a dog"]).score == pytest.approx(100.0)
+    several = corpus_bleu(hyps, [["no match at all here", "The cat sat on the mat."], ["a dog"]])
+    assert several.score == pytest.approx(100.0) and "nrefs:var" in several.signature
+    assert exact_match(["Hello , Tom!", "no"], ["hello, tom !", "yes"]) == 0.5
+    assert exact_match(["b"], [["a", "B"]]) == 1.0 and exact_match([], []) == 0.0
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        corpus_bleu(hyps, ["x"])

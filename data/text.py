@@ -1,0 +1,147 @@
+"""Text shared by every task that reads or writes sentences (translation, language
+modelling, captioning): standardisation, tokenisation, vocabularies, ids <-> text.
+
+Text is standardised in-graph by ``standardize`` (lower-case, typographic apostrophes
+unified, punctuation split off as tokens, single spaces) and split on spaces; the same
+TensorFlow function runs in the data pipeline, in evaluation and in an exported serving
+graph, so a served model sees the tokens it was trained on. ``detokenize`` is its inverse
+for generated tokens (no space before ``. , ! ? ; :``).
+
+Vocabularies are lists, index = id: the reserved tokens first, then the words by falling
+frequency (ties alphabetical). Id 0 is padding (``""``) everywhere. A sequence that a
+model *reads* (a source sentence) ends in ``[END]``; a sequence that a model *writes*
+(a translation, a caption) is ``[START] w1 .. wn`` as decoder input and ``w1 .. wn [END]``
+as labels (teacher forcing).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
+SOURCE_RESERVED = (PAD, UNK, END)  # text a model reads
+TARGET_RESERVED = (PAD, UNK, START, END)  # text a model writes
+_PUNCT = r"""([.?!,;:"()¿¡«»„“”])"""
+
+
+# ---------------------------------------------------------------- strings
+
+
+def standardize(text: tf.Tensor) -> tf.Tensor:
+    """string tensor -> lower-cased, punctuation split off as tokens, single spaces."""
+    text = tf.strings.lower(text, encoding="utf-8")
+    text = tf.strings.regex_replace(text, "[’‘`´]", "'")
+    text = tf.strings.regex_replace(text, _PUNCT, r" \1 ")
+    text = tf.strings.regex_replace(text, r"\s+", " ")
+    return tf.strings.strip(text)
+
+
+def detokenize(tokens: tf.Tensor) -> tf.Tensor:
+    """string tokens [B, T] ("" = none) -> sentences [B]: joined, no space before . , ! ? ; :"""
+    text = tf.strings.reduce_join(tokens, axis=-1, separator=" ")
+    text = tf.strings.regex_replace(text, r"\s+", " ")
+    text = tf.strings.strip(text)
+    return tf.strings.regex_replace(text, r" ([.?!,;:])", r"\1")
+
+
+def standardized(sentences: Sequence[str], batch: int = 4096) -> list[str]:
+    """Python strings -> standardised Python strings (``standardize``, batched)."""
+    out: list[str] = []
+    for i in range(0, len(sentences), batch):
+        std = standardize(tf.constant(list(sentences[i : i + batch]), dtype=tf.string)).numpy()
+        out.extend(s.decode("utf-8") for s in std)
+    return out
+
+
+def tokenize(sentences: Sequence[str], batch: int = 4096) -> list[list[str]]:
+    """Python strings -> token lists with ``standardize`` (the serving graph's function)."""
+    return [s.split() for s in standardized(sentences, batch)]
+
+
+# ---------------------------------------------------------------- vocabularies
+
+
+def build_vocabulary(
+    token_lists: Iterable[Sequence[str]],
+    reserved: tuple[str, ...],
+    max_size: int | None,
+    min_count: int = 1,
+) -> list[str]:
+    """``reserved`` then the words by falling frequency (ties alphabetical), capped.
+
+    Args:
+        token_lists: iterable of token lists. The training text only.
+        reserved: tuple. The tokens with fixed ids, first (``SOURCE_RESERVED``...).
+        max_size: int or None. The most entries, reserved ones included.
+        min_count: int. Words seen fewer times are left out (they map to ``[UNK]``).
+    """
+    counts = collections.Counter(t for tokens in token_lists for t in tokens)
+    words = sorted(
+        (w for w, c in counts.items() if c >= min_count and w not in reserved),
+        key=lambda w: (-counts[w], w),
+    )
+    if max_size is not None:
+        words = words[: max(0, max_size - len(reserved))]
+    return [*reserved, *words]
+
+
+def output_words(vocabulary: Sequence[str]) -> list[str]:
+    """The vocabulary as generated text prints it: padding, ``[START]`` and ``[END]``
+    print as nothing (``[UNK]`` stays visible)."""
+    return ["" if w in (PAD, START, END) else w for w in vocabulary]
+
+
+# ---------------------------------------------------------------- ids
+
+
+def encode_ids(
+    token_lists: Sequence[Sequence[str]], vocab: Sequence[str], length: int, add_start: bool = False
+) -> np.ndarray:
+    """Token lists -> int32 ids [N, length] (+[END], optional [START]; truncated, 0-padded)."""
+    index = {w: i for i, w in enumerate(vocab)}
+    unk, end = index[UNK], index[END]
+    out = np.zeros((len(token_lists), length), dtype=np.int32)
+    for row, tokens in enumerate(token_lists):
+        ids = ([index[START]] if add_start else []) + [index.get(t, unk) for t in tokens]
+        ids = ids[: length - 1] + [end]
+        out[row, : len(ids)] = ids
+    return out
+
+
+def encode_targets(
+    token_lists: Sequence[Sequence[str]], vocab: Sequence[str], length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists of generated text -> teacher-forcing pairs ``(inputs, labels)``, int32
+    [N, length]: ``[START] w1 .. wn`` and ``w1 .. wn [END]``, 0-padded (``length``: the
+    longest text + 1; where the labels are padding the inputs do not count)."""
+    ids = encode_ids(token_lists, vocab, length + 1, add_start=True)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def decode_ids(ids: np.ndarray, vocab: Sequence[str]) -> list[list[str]]:
+    """Generated ids [N, T] -> token lists, stopping at ``[END]`` or padding, without
+    ``[START]`` (the Python twin of the serving graph's detokenisation)."""
+    end = list(vocab).index(END) if END in vocab else None
+    start = list(vocab).index(START) if START in vocab else None
+    out = []
+    for row in np.asarray(ids):
+        tokens = []
+        for i in row.tolist():
+            if i == 0 or i == end:
+                break
+            if i != start:
+                tokens.append(vocab[i])
+        out.append(tokens)
+    return out
+
+
+def trim_padding(ids: tf.Tensor, *aligned: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """A batch of 0-padded ids [B, T] without its all-padding tail columns, and the
+    ``aligned`` tensors [B, T, ...] cut to the same length (decoder inputs to their
+    labels' length)."""
+    length = tf.reduce_max(tf.reduce_sum(tf.cast(ids > 0, tf.int32), axis=1))
+    return tuple(x[:, :length] for x in (ids, *aligned))

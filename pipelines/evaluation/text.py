@@ -1,0 +1,144 @@
+"""Text metrics shared by the tasks that read or write sentences (translation, language
+modelling, captioning).
+
+- ``corpus_bleu``: sacrebleu corpus BLEU, lower-cased, 13a tokenisation, with the
+  signature that makes a score reproducible (``nrefs:1|case:lc|eff:no|tok:13a|...``);
+  one or several references per hypothesis (captions have five).
+- ``exact_match``: the share of hypotheses equal to a reference after ``data.text``
+  standardisation (case and punctuation spacing do not count).
+- Keras training metrics over 0-padded token labels: ``MaskedAccuracy`` (teacher-forced
+  next-token accuracy), ``Perplexity`` and the masked token loss ``masked_token_loss``.
+  Their registered names are the ones models were saved with before the move.
+- ``samples_markdown`` / ``write_jsonl``: sample tables of generated text as artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+
+@dataclass(frozen=True)
+class BleuScore:
+    score: float  # 0..100
+    signature: str
+
+
+def _references_by_position(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """Per-hypothesis references (str or list of str) -> sacrebleu's reference streams
+    (stream k holds every hypothesis' k-th reference; a missing one is None)."""
+    per_item = [[r] if isinstance(r, str) else list(r) for r in references]
+    if any(not refs for refs in per_item):
+        raise ValueError("corpus_bleu: every hypothesis needs at least one reference.")
+    width = max((len(refs) for refs in per_item), default=1)
+    return [[refs[k] if k < len(refs) else None for refs in per_item] for k in range(width)]
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> BleuScore:
+    """sacrebleu corpus BLEU, lower-cased, 13a tokenisation.
+
+    Args:
+        hypotheses: list of str. One generated sentence per example.
+        references: list of str, or of lists of str. The reference(s) of each example.
+    """
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(
+            f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references."
+        )
+    metric = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
+    result = metric.corpus_score(list(hypotheses), _references_by_position(references))
+    return BleuScore(float(result.score), str(metric.get_signature()))
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """The share of hypotheses equal to (one of) their reference(s) after standardisation."""
+    from data.text import standardized
+
+    if len(hypotheses) != len(references):
+        raise ValueError(
+            f"exact_match: {len(hypotheses)} hypotheses but {len(references)} references."
+        )
+    if not hypotheses:
+        return 0.0
+    per_item = [[r] if isinstance(r, str) else list(r) for r in references]
+    flat = standardized([r for refs in per_item for r in refs])
+    hyps = standardized(list(hypotheses))
+    hits, at = 0, 0
+    for hyp, refs in zip(hyps, per_item, strict=True):
+        hits += hyp in flat[at : at + len(refs)]
+        at += len(refs)
+    return hits / len(hyps)
+
+
+# ---------------------------------------------------------------- Keras metrics
+
+
+def _token_mask(y_true, dtype):
+    return keras.ops.cast(keras.ops.not_equal(y_true, 0), dtype)
+
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class MaskedAccuracy(keras.metrics.Mean):
+    """Next-token accuracy over non-padding positions (label 0 is padding)."""
+
+    def __init__(self, name="accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = keras.ops.cast(y_true, "int32")
+        predicted = keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32")
+        hit = keras.ops.cast(keras.ops.equal(predicted, y_true), "float32")
+        return super().update_state(hit, sample_weight=_token_mask(y_true, "float32"))
+
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class Perplexity(keras.metrics.Mean):
+    """``exp`` of the mean token cross-entropy (from logits); padding (label 0) ignored."""
+
+    def __init__(self, name="perplexity", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+        return super().update_state(ce, sample_weight=_token_mask(y_true, ce.dtype))
+
+    def result(self):
+        return keras.ops.exp(super().result())
+
+
+# registered under its pre-move name: language models saved before still load
+@keras.saving.register_keras_serializable(package="deeptrends", name="_masked_lm_loss")
+def masked_token_loss(y_true, y_pred):
+    """The mean token cross-entropy (from logits) over non-padding labels."""
+    ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+    mask = _token_mask(y_true, ce.dtype)
+    return keras.ops.sum(ce * mask) / keras.ops.maximum(keras.ops.sum(mask), 1.0)
+
+
+# ---------------------------------------------------------------- sample tables
+
+
+def samples_markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table of generated text (``|`` escaped, floats to 3 decimals)."""
+
+    def cell(value) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    """One JSON object per line, UTF-8 (non-ASCII kept as is)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
