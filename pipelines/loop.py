@@ -205,7 +205,8 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._current_epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_n_steps and (batch + 1) % self.every_n_steps == 0:
+        last = (batch + 1) == (self.params or {}).get("steps")  # the epoch's end saves it
+        if self.every_n_steps and (batch + 1) % self.every_n_steps == 0 and not last:
             self.save(self._current_epoch, batch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -251,6 +252,11 @@ def build_state(model, strategy: tf.distribute.Strategy, sample_batch=None) -> N
             )
             model._symbolic_build(data_batch=per_replica)  # what fit() does first
         build_optimizers(model)
+
+
+def _metric_logs(model) -> dict:
+    """The model's metric results, as its ``train_step`` returns them."""
+    return dict(model.get_metrics_result())
 
 
 _UNTRACED = object()
@@ -332,6 +338,8 @@ def fit(
                 train_step = _step_function(model, strategy, model.train_step, jit_compile)
                 test_step = _step_function(model, strategy, model.test_step, jit_compile)
             first = start.step if epoch == start.epoch else 0
+            if first >= steps_per_epoch:  # resumed after the epoch's last step: its restored sums
+                logs = _metric_logs(model)
             for step in range(first, steps_per_epoch):
                 cbs.on_train_batch_begin(step)
                 logs = train_step(next(iterator))

@@ -9,6 +9,9 @@ BatchNorm (one Keras optimizer, compiled metrics), and a trainer with its own
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -26,18 +29,22 @@ class _Crash(RuntimeError):
 
 
 class _CrashAt(keras.callbacks.Callback):
-    """Stands in for ``kill -9``: training dies between two checkpoints."""
+    """Stands in for ``kill -9``: training dies between two checkpoints (or, with
+    ``sigterm``, is preempted there: the loop checkpoints and raises ``Preempted``)."""
 
-    def __init__(self, epoch: int, batch: int):
+    def __init__(self, epoch: int, batch: int, sigterm: bool = False):
         super().__init__()
-        self.at, self.epoch = (epoch, batch), 0
+        self.at, self.epoch, self.sigterm = (epoch, batch), 0, sigterm
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if (self.epoch, batch) == self.at:
-            raise _Crash(f"crashed at epoch {self.epoch} batch {batch}")
+            if self.sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise _Crash(f"crashed at epoch {self.epoch} batch {batch}")
 
 
 def _data(features: int = 12):
@@ -146,7 +153,7 @@ def _noisy_pair():
     return model
 
 
-def _train(build, strategy, directory, crash: bool = False, resume: bool = False):
+def _train(build, strategy, directory, crash=None, resume: bool = False):
     """Build afresh (as a new process would), restore when resuming, fit."""
     keras.utils.set_random_seed(11)
     with strategy.scope():
@@ -164,7 +171,7 @@ def _train(build, strategy, directory, crash: bool = False, resume: bool = False
         checkpoint=checkpoint,
         start=start,
         verbose=0,
-        callbacks=[_CrashAt(*CRASH_AT)] if crash else [],
+        callbacks=[crash] if crash else [],
     )
     return model, start, history
 
@@ -183,7 +190,7 @@ def test_crash_mid_epoch_then_resume_equals_uninterrupted(tmp_path, build, strat
     strategy = STRATEGIES[strategy_name]()
     straight, _, straight_history = _train(build, strategy, tmp_path / "straight")
     with pytest.raises(_Crash):
-        _train(build, strategy, tmp_path / "crashed", crash=True)
+        _train(build, strategy, tmp_path / "crashed", crash=_CrashAt(*CRASH_AT))
     resumed, start, history = _train(build, strategy, tmp_path / "crashed", resume=True)
 
     assert start == loop.Position(1, 4)  # mid-epoch, two steps before the crash
@@ -208,3 +215,19 @@ def test_training_state_holds_seeds_statistics_metrics_and_every_optimizer():
     for optimizer in (model.d_optimizer, model.g_optimizer):
         assert optimizer in loop.optimizers_of(model)
         assert {id(v) for v in optimizer.variables} <= state
+
+
+def test_sigterm_after_an_epochs_last_step_resumes_with_that_epochs_logs(tmp_path):
+    strategy = tf.distribute.get_strategy()
+    straight, _, straight_history = _train(_classifier, strategy, tmp_path / "straight")
+    with pytest.raises(loop.Preempted):
+        _train(_classifier, strategy, tmp_path / "cut", crash=_CrashAt(1, STEPS - 1, sigterm=True))
+    resumed, start, history = _train(_classifier, strategy, tmp_path / "cut", resume=True)
+
+    assert start == loop.Position(1, STEPS)  # no step left in epoch 1: its logs are restored
+    diffs = [
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True)
+    ]
+    assert max(diffs) <= 1e-6, diffs
+    assert history["loss"] == pytest.approx(straight_history["loss"][1:], abs=1e-6)
