@@ -3,10 +3,12 @@ writes (a reader never sees half a file) and aligned text tables. No TensorFlow 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,25 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, value: Any) -> Path:
     return write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block; the
+    kernel releases it when the process dies, so a ``kill -9`` never leaves it held.
+    With ``blocking=False`` the block gets ``False`` at once when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> list[str]:

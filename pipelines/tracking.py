@@ -7,6 +7,7 @@ it); reports read from it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -19,6 +20,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipelines.config import ExperimentConfig, GateConfig
+from pipelines.io import file_lock
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -186,19 +188,27 @@ class RunTracker:
         self.enabled = enabled and config.tracking.enabled
         self._resume_id = run_id
         self.run_id: str | None = run_id
+        self.reconciled: list[str] = []
         self._client: MlflowClient | None = None
+        self._alive: contextlib.ExitStack | None = None
 
     # -- life cycle ---------------------------------------------------------------------
     def __enter__(self) -> RunTracker:
-        if self.enabled:
-            mlflow.set_tracking_uri(tracking_uri(self.config))
-            mlflow.set_experiment(self.config.experiment_name)
-            if self._resume_id:
-                run = mlflow.start_run(run_id=self._resume_id)
-            else:
-                run = mlflow.start_run(run_name=self.config.tracking.run_name)
-            self.run_id = run.info.run_id
-            self._client = MlflowClient()
+        if not self.enabled:
+            return self
+        uri = tracking_uri(self.config)
+        with store_lock(uri):  # a fresh SQLite store is created (migrated) by one process
+            mlflow.set_tracking_uri(uri)
+            experiment = mlflow.set_experiment(self.config.experiment_name)
+        self._client = MlflowClient()
+        self.reconciled = self._end_abandoned_runs(experiment.experiment_id)
+        if self._resume_id:
+            run = mlflow.start_run(run_id=self._resume_id)
+        else:
+            run = mlflow.start_run(run_name=self.config.tracking.run_name)
+        self.run_id = run.info.run_id
+        self._alive = contextlib.ExitStack()
+        self._alive.enter_context(file_lock(self._run_lock(self.run_id)))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -207,7 +217,31 @@ class RunTracker:
             if status == "KILLED" and not isinstance(exc, KeyboardInterrupt):
                 mlflow.set_tag("deeptrends.interrupted", str(exc))
             mlflow.end_run(status)
+        if getattr(self, "_alive", None) is not None:
+            self._alive.close()
         return False
+
+    def _run_lock(self, run_id: str) -> Path:
+        """Held by the process that runs ``run_id`` (the kernel drops it if it dies)."""
+        return Path(self.config.runtime.work_dir) / ".locks" / f"run-{run_id}.lock"
+
+    def _end_abandoned_runs(self, experiment_id: str) -> list[str]:
+        """Runs of this experiment left RUNNING by a process that died (``kill -9``, a
+        crash) in this work_dir: ended KILLED, tagged ``deeptrends.reconciled``."""
+        ended = []
+        runs = self._client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
+        for run in runs:
+            run_id = run.info.run_id
+            lock = self._run_lock(run_id)
+            if run_id == self._resume_id or not lock.exists():
+                continue  # resumed now, or run from elsewhere: not ours to judge
+            with file_lock(lock, blocking=False) as free:
+                if free:
+                    self._client.set_tag(run_id, "deeptrends.reconciled", "abandoned: its process died")
+                    self._client.set_terminated(run_id, "KILLED")
+                    ended.append(run_id)
+                    lock.unlink(missing_ok=True)
+        return ended
 
     # -- run data -------------------------------------------------------------------------
     def log_start(self, params: dict[str, Any], tags: dict[str, str], resumed_at: str | None):
@@ -280,7 +314,36 @@ class RunTracker:
         return aliases_of(self._client, self.config.registered_model_name, version)
 
     def served_labels(self) -> dict[str, int]:
-        return versions_with_aliases(self._client, self.config.registered_model_name)
+        return self.labels_of(self.config.registered_model_name)
+
+    def labels_of(self, name: str) -> dict[str, int]:
+        """The champion/challenger versions of registered model ``name``."""
+        return versions_with_aliases(self._client, name)
+
+    def registered_versions(self) -> list[dict[str, Any]]:
+        """Every version of the config's registered model: version, aliases, run status."""
+        if not self.registers:
+            return []
+        out = []
+        name = self.config.registered_model_name
+        for found in self._client.search_model_versions(f"name='{name}'"):
+            mv = self._client.get_model_version(name, found.version)  # search omits aliases
+            try:
+                status = self._client.get_run(mv.run_id).info.status if mv.run_id else None
+            except mlflow.exceptions.MlflowException:
+                status = None
+            out.append({"version": str(mv.version), "aliases": list(mv.aliases), "run_status": status,
+                        "run_id": mv.run_id})
+        return out
+
+
+def store_lock(uri: str):
+    """A file lock beside a local SQLite store (first use creates its schema, which two
+    processes must not do at once); nothing for a server URI."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return file_lock(db.with_name(db.name + ".lock"))
+    return contextlib.nullcontext()
 
 
 def load_model(uri: str):

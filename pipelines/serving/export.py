@@ -9,8 +9,11 @@ temporary name while it is being written, and never sees a half-written version)
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +21,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines.io import write_text_atomic
+from pipelines.io import file_lock, write_text_atomic
 from pipelines.tasks.base import Endpoint
+
+log = logging.getLogger(__name__)
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 # float16/bfloat16 models: the graph and eager paths round differently (fused kernels)
@@ -145,22 +150,69 @@ def discard(result: ExportResult | None) -> None:
         shutil.rmtree(result.path, ignore_errors=True)
 
 
-def write_model_config(serving_dir: Path, model_name: str, served: list[int], labels: dict[str, int]) -> Path:
+def write_model_config(
+    serving_dir: Path,
+    model_name: str,
+    served: list[int],
+    labels: dict[str, int],
+    labels_of: Callable[[str], dict[str, int]] | None = None,
+) -> Path:
     """Refresh ``<serving_dir>/models.config`` (TF Serving's ``--model_config_file``) so
     that TF Serving serves the listed versions of ``model_name`` with version labels
-    (``champion``, ``challenger``) instead of whatever version is highest. The state of
-    every model is kept in ``models.json`` beside it; the text proto is rendered from it."""
-    import json
+    (``champion``, ``challenger``) instead of whatever version is highest.
 
-    state_path = serving_dir / "models.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    state[model_name] = {"versions": sorted(set(int(v) for v in served)), "labels": labels}
+    The state of every model is kept in ``models.json`` beside it and the text proto is
+    rendered from it, under a lock (concurrent runs publish to one folder) with unique
+    temporary files. Versions whose folders are gone are dropped. An unreadable
+    ``models.json`` is rebuilt from the folders on disk and ``labels_of(name)`` (the
+    registry's aliases) instead of failing the run."""
+    with file_lock(serving_dir / ".models.lock"):
+        state = _read_state(serving_dir, labels_of)
+        state[model_name] = {"versions": sorted({int(v) for v in served}), "labels": labels}
+        for name, entry in state.items():
+            on_disk = {v for v in entry["versions"] if (serving_dir / name / str(v)).is_dir()}
+            entry["versions"] = sorted(on_disk)
+            entry["labels"] = {k: v for k, v in entry["labels"].items() if v in on_disk}
+        path = serving_dir / "models.config"
+        write_text_atomic(serving_dir / "models.json", json.dumps(state, indent=2))
+        write_text_atomic(path, render_model_config(serving_dir, state))
+    return path
+
+
+def _read_state(serving_dir: Path, labels_of) -> dict:
+    path = serving_dir / "models.json"
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+        if isinstance(state, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("versions"), list) and isinstance(e.get("labels"), dict)
+            for e in state.values()
+        ):
+            return state
+    except (OSError, ValueError):
+        pass
+    log.warning("%s is unreadable: rebuilding it from the serving folders and the registry", path)
+    state = {}
+    for folder in sorted(p for p in serving_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = [int(v.name) for v in folder.iterdir() if v.is_dir() and v.name.isdigit()]
+        if not versions:
+            continue
+        labels = dict(labels_of(folder.name)) if labels_of is not None else {}
+        served = sorted(set(labels.values())) if labels else [max(versions)]
+        state[folder.name] = {"versions": served, "labels": labels}
+    return state
+
+
+def render_model_config(serving_dir: Path, state: dict) -> str:
+    """TF Serving's ``model_config_list`` text proto for ``state``."""
     blocks = []
     for name in sorted(state):
         entry = state[name]
         versions = "".join(f" versions: {v}" for v in entry["versions"])
         labels_text = "".join(
-            f"\n    version_labels {{ key: '{k}' value: {v} }}" for k, v in sorted(entry["labels"].items())
+            f"\n    version_labels {{ key: '{k}' value: {v} }}"
+            for k, v in sorted(entry["labels"].items())
         )
         blocks.append(
             "  config {\n"
@@ -171,7 +223,4 @@ def write_model_config(serving_dir: Path, model_name: str, served: list[int], la
             f"{labels_text}\n"
             "  }"
         )
-    path = serving_dir / "models.config"
-    write_text_atomic(state_path, json.dumps(state, indent=2))
-    write_text_atomic(path, "model_config_list {\n" + "\n".join(blocks) + "\n}\n")
-    return path
+    return "model_config_list {\n" + "\n".join(blocks) + "\n}\n"

@@ -1,28 +1,28 @@
 """The driver's life-cycle objects, without training: the resume slot, the run tracker
-(the run's end status by what ended it), and the publication (undone as a whole)."""
+(the run's end status by what ended it), and the publication (undone as a whole; a
+process killed at any of its steps leaves nothing the next publication does not
+reconcile; concurrent first runs and concurrent publications both finish)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pipelines.config import validate_config
 from pipelines.resume import ResumeSlot, run_key
+from tests.pipelines.publish_worker import config_for, tiny_serving
 
 
 def _config(tmp_path, **sections):
-    raw = {
-        "name": "life",
-        "model": {"name": "lenet5"},
-        "data": {"name": "digits"},
-        "runtime": {"work_dir": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        "export": {"serving_dir": str(tmp_path / "serving"), "warmup_requests": 1},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    return validate_config(raw)
+    return config_for(tmp_path, **sections)
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Tracker:
@@ -131,21 +131,7 @@ def test_tracker_resumes_its_run_and_logs_nothing_when_disabled(tmp_path):
 
 
 def _serving(scale: float = 1.0):
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from pipelines.tasks.base import Endpoint, Serving
-
-    inputs = keras.Input((3,), name="x")
-    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs))
-    check = np.ones((2, 3), np.float32)
-
-    def predict(x):
-        return {"y": model(x) * scale}
-
-    spec = [tf.TensorSpec([None, 3], tf.float32, name="x")]
-    return Serving(model, [Endpoint("serving_default", predict, spec, [check])])
+    return tiny_serving(scale)
 
 
 def test_publication_exports_registers_and_gates(tmp_path):
@@ -199,3 +185,74 @@ def _serving_that_drifts():
 
     endpoint.fn = drifting
     return serving
+
+
+# ------------------------------------------------------------------ crashes, concurrency
+
+WORKER = [sys.executable, "-m", "tests.pipelines.publish_worker"]
+
+
+def _consistent(root):
+    """Registry, serving folders and models.config agree; nothing temporary is left."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    found = client.search_model_versions("name='life'")
+    versions = [client.get_model_version("life", v.version) for v in found]  # with aliases
+    served = root / "serving" / "life"
+    folders = {p.name for p in served.iterdir()} if served.exists() else set()
+    assert not {f for f in folders if f.startswith(".tmp")}, folders
+    assert {f for f in folders if f.isdigit()} <= {str(v.version) for v in versions}
+    for v in versions:  # a version either won an alias or belongs to a finished run
+        assert v.aliases or client.get_run(v.run_id).info.status == "FINISHED"
+    champions = [v for v in versions if "champion" in v.aliases]
+    assert len(champions) == 1
+    state = json.loads((root / "serving" / "models.json").read_text())
+    assert all((served / str(v)).is_dir() for v in state["life"]["versions"])
+    assert str(state["life"]["labels"]["champion"]) == str(champions[0].version)
+    return versions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["exported", "registered", "published", "gated"])
+def test_a_publication_killed_at_any_step_is_reconciled_by_the_next(tmp_path, step):
+    pytest.importorskip("tensorflow")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([*WORKER, str(tmp_path), "0.9", step], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    done = subprocess.run([*WORKER, str(tmp_path), "0.5"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    versions = _consistent(tmp_path)
+    # the killed run's version survives only if it had already won its alias
+    assert len(versions) == (2 if step == "gated" else 1)
+
+
+@pytest.mark.slow
+def test_two_first_runs_on_a_fresh_store_both_publish(tmp_path):
+    pytest.importorskip("tensorflow")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([*WORKER, str(tmp_path), acc], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for acc in ("0.6", "0.7")
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert len(_consistent(tmp_path)) == 2
+
+
+def test_unreadable_models_json_is_rebuilt(tmp_path):
+    from pipelines.serving.export import write_model_config
+
+    serving = tmp_path / "serving"
+    for name, version in (("a", 1), ("b", 3)):
+        (serving / name / str(version)).mkdir(parents=True)
+    (serving / "models.json").write_text('{"a": {"versions": [1], "lab')  # a torn write
+    write_model_config(serving, "a", [1], {"champion": 1}, labels_of=lambda n: {"champion": 3})
+    state = json.loads((serving / "models.json").read_text())
+    assert state == {"a": {"versions": [1], "labels": {"champion": 1}},
+                     "b": {"versions": [3], "labels": {"champion": 3}}}
+    text = (serving / "models.config").read_text()
+    assert "name: 'a'" in text and "name: 'b'" in text
