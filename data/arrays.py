@@ -94,12 +94,20 @@ class DeeptrendsDigits(tfds.core.GeneratorBasedBuilder):
 
 class DeeptrendsMnistTest(tfds.core.GeneratorBasedBuilder):
     """The official MNIST test set (10,000 digits) from local idx files, split
-    8,000/2,000 stratified with a fixed seed; for machines without the full MNIST."""
+    8,000/2,000 stratified with a fixed seed; for machines without the full MNIST.
+
+    The prepared copy is keyed by the source files' content: the builder config is named
+    by their fingerprint, so changed files are prepared afresh instead of the old copy
+    being read under a new fingerprint."""
 
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, source_dir: str | Path | None = None, **kwargs):
+    def __init__(self, *, source_dir: str | Path | None = None, fingerprint: str = "", **kwargs):
         self._source_dir = Path(source_dir) if source_dir else None
+        if fingerprint:
+            kwargs["config"] = tfds.core.BuilderConfig(
+                name=f"files-{fingerprint}", description="prepared from files with this content"
+            )
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -201,7 +209,9 @@ def load_mnist(data_dir: str | None = None, source: str = "auto") -> RawSplits:
             raise DataError(f"TFDS 'mnist' is not prepared under {data_dir} (no network to download it).")
     images, labels = read_mnist_idx()
     fingerprint = fingerprint_arrays(images, labels, salt=f"mnist_test/{SPLIT_SEED}")
-    builder = DeeptrendsMnistTest(source_dir=mnist_source_dir(), data_dir=data_dir)
+    builder = DeeptrendsMnistTest(
+        source_dir=mnist_source_dir(), fingerprint=fingerprint, data_dir=data_dir
+    )
     return _from_builder(builder, "train", "test", fingerprint, "tfds:deeptrends_mnist_test")
 
 
