@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.splits import DataError
+from data.text import utf8_payload
 
 # each generated problem and the head it needs
 PROBLEMS = {"adding": "regression", "recall": "classification"}
@@ -142,7 +143,7 @@ def load_generated(
 def read_text_lines(path: Path, column: int | None) -> list[str]:
     """Non-empty lines of a UTF-8 file, or column ``column`` (0-based) of a TSV file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = utf8_payload(path.read_bytes(), path).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"data.path: {path}: file not found") from None
     except UnicodeDecodeError as exc:

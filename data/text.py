@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from data.splits import DataError
 
 PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
 SOURCE_RESERVED = (PAD, UNK, END)  # text a model reads
@@ -145,3 +148,18 @@ def trim_padding(ids: tf.Tensor, *aligned: tf.Tensor) -> tuple[tf.Tensor, ...]:
     labels' length)."""
     length = tf.reduce_max(tf.reduce_sum(tf.cast(ids > 0, tf.int32), axis=1))
     return tuple(x[:, :length] for x in (ids, *aligned))
+
+
+def utf8_payload(raw: bytes, path: Path) -> bytes:
+    """The bytes of a text file without a UTF-8 byte-order mark; a UTF-16/32 file (its
+    BOM, or NUL bytes between ASCII characters) is refused whole, naming the encoding,
+    instead of being read line by line as garbage (``skip_bad_lines`` would skip it all)."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return raw[3:]
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise DataError(f"data.path: {path}: {name} text; save the file as UTF-8")
+    if raw[:200].count(b"\x00") > 10:
+        raise DataError(f"data.path: {path}: UTF-16/32 text without a BOM; save it as UTF-8")
+    return raw

@@ -39,6 +39,7 @@ from data.text import (
     encode_targets,
     tokenize,
     trim_padding,
+    utf8_payload,
 )
 
 DIRECTIONS = ("forward", "reverse")
@@ -82,6 +83,7 @@ def read_parallel_corpus(
         raise DataError(f"data.path: {path}: file not found") from None
     except OSError as exc:
         raise DataError(f"data.path: {path}: cannot read ({exc})") from None
+    raw = utf8_payload(raw, path)
     sources: list[str] = []
     targets: list[str] = []
     skipped: list[int] = []

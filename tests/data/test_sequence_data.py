@@ -177,3 +177,24 @@ def test_text_lm_vocabulary_and_stream(tmp_path):
     assert xb.shape == (4, 6)
     with pytest.raises(DataError, match="no column 3"):
         load_text_lm(path=str(path), column=3)
+
+
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        ("\ufeff1\t2\nHallo.\tHello.\nDanke.\tThanks.\n".encode(), None),  # a UTF-8 BOM
+        ("Hallo.\tHello.\n".encode("utf-16"), "UTF-16"),
+        ("Hallo.\tHello.\nDanke.\tThanks.\n".encode("utf-16-le"), "UTF-16/32"),
+    ],
+)
+def test_tsv_encodings(tmp_path, payload, problem):
+    from data.translation import read_parallel_corpus
+
+    path = tmp_path / "corpus.tsv"
+    path.write_bytes(payload)
+    if problem is None:
+        corpus = read_parallel_corpus(path)
+        assert corpus.header_skipped and corpus.sources == ["Hallo.", "Danke."]
+        return
+    with pytest.raises(DataError, match=problem):
+        read_parallel_corpus(path, skip_bad_lines=True)
