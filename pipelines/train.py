@@ -98,8 +98,7 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
     inputs = task.build_inputs()
     with tracker, slot.session(tracker):
         run_dir = Path(config.runtime.work_dir) / config.name / (tracker.run_id or _timestamp())
-        resumed = slot.resuming and (start.epoch or start.step)
-        resumed_at = f"epoch {start.epoch + 1} step {start.step}" if resumed else None
+        resumed_at = resume_point(start, config.train.epochs) if slot.resuming else None
         tracker.log_start(run_params(config, effective, inputs, strategy), run_tags(config, inputs),
                           resumed_at)
 
@@ -220,6 +219,15 @@ def fit_model(task, inputs, context, run_dir: Path | None = None, *, slot=None, 
             "lower train.learning_rate or set train.global_clipnorm."
         )
     return model, history
+
+
+def resume_point(start, epochs: int) -> str | None:
+    """Where a resumed run continues, as the ``deeptrends.resumed_at`` tag says it."""
+    if not (start.epoch or start.step):
+        return None
+    if start.epoch >= epochs:  # interrupted after training, before publication
+        return f"after training (all {epochs} epochs done)"
+    return f"epoch {start.epoch + 1} step {start.step}"
 
 
 def is_multi_worker(strategy) -> bool:

@@ -256,3 +256,12 @@ def test_unreadable_models_json_is_rebuilt(tmp_path):
                      "b": {"versions": [3], "labels": {"champion": 3}}}
     text = (serving / "models.config").read_text()
     assert "name: 'a'" in text and "name: 'b'" in text
+
+
+def test_resume_point_names_the_epoch_to_come():
+    from pipelines.loop import Position
+    from pipelines.train import resume_point
+
+    assert resume_point(Position(0, 0), 3) is None
+    assert resume_point(Position(1, 5), 3) == "epoch 2 step 5"
+    assert resume_point(Position(3, 0), 3) == "after training (all 3 epochs done)"
