@@ -40,10 +40,11 @@ def trainer_class(model_name: str, field: str = "model.name"):
         info = models.model_info(model_name)
     except KeyError as exc:
         raise ConfigError(f"{field}: {exc.args[0]}") from None
-    if info.task != GENERATION or info.family not in TRAINERS:
+    path = TRAINERS.get(info.family) if info.task == GENERATION else None
+    if path is None:
         raise ConfigError(
             f"{field}: {model_name!r} is a {info.task} model, not a generative one; the "
             f"generation task trains {', '.join(generative_models())}."
         )
-    module, _, name = TRAINERS[info.family].partition(":")
+    module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)

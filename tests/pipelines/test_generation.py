@@ -25,6 +25,7 @@ from pipelines.loop import fit  # noqa: E402
 from pipelines.serving.export import write_saved_model  # noqa: E402
 from pipelines.tasks.base import RunContext  # noqa: E402
 from pipelines.tasks.generation import GenerationInfo, GenerationTask  # noqa: E402
+from tests.conftest import shared_data_dir  # noqa: E402
 
 SMALL = {
     "rbm-digits": ["model.hidden_units=32"],
@@ -595,6 +596,7 @@ def test_dbn_classifier_pretrains_through_the_shared_loop_and_fine_tunes(tmp_pat
     task = DBNClassificationTask(context)
     inputs = task.build_inputs()
     assert calls == [("RBMTrainer", strategy, 3)]
+    assert sum(len(y) for _, y in inputs.eval) == inputs.info.num_eval  # the whole eval split
     dbn = inputs.data.dbn
     keras.utils.set_random_seed(config.runtime.seed)
     import models
@@ -634,7 +636,7 @@ def test_dbn_classifier_pretrains_through_the_shared_loop_and_fine_tunes(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_driver_runs_vae_and_dbn_classifier_end_to_end(tmp_path, monkeypatch):
+def test_driver_runs_vae_and_dbn_classifier_end_to_end(tmp_path, monkeypatch, tfds_dir):
     """Through ``run_experiment``: MLflow run with sample artifacts, registered version
     gated on neg_elbo, TF Serving export with generate/encode/decode; then the DBN
     classifier, pre-trained greedily in the run, fine-tuned and exported."""
@@ -678,21 +680,18 @@ def test_driver_runs_vae_and_dbn_classifier_end_to_end(tmp_path, monkeypatch):
     saved = tf.saved_model.load(summary.export_path)
     assert {"serving_default", "generate_latents", "encode", "decode"} <= set(saved.signatures)
 
+    # the shipped config on its own data (dropout and augmentation as shipped), smaller
+    if shared_data_dir() is None or not (shared_data_dir() / "mnist_test").is_dir():
+        pytest.skip("MNIST idx files not found: set DEEPTRENDS_DATA_DIR")
+    monkeypatch.setenv("DEEPTRENDS_DATA_DIR", str(shared_data_dir()))
     clf = run_experiment(
         load_config(
             "dbn-classifier-mnist",
             [
                 *common,
-                "data.name=digits",
-                "data.image_size=8",
                 "model.hidden_units=[64,64]",
+                "task_options.epochs_per_layer=[1,1]",
                 "train.epochs=3",
-                "task_options.epochs_per_layer=[5,5]",
-                "model.dropout=0.0",
-                "data.augment.pad_crop=0",
-                "data.augment.rotation=0",
-                "task_options.batch_size=32",
-                "train.learning_rate=0.003",
             ],
         )
     )
