@@ -32,3 +32,5 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+include mk/ops.mk

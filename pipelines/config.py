@@ -219,7 +219,7 @@ class ExperimentConfig(_Section):
 
 def shipped_config_paths() -> dict[str, Path]:
     """The shipped experiments by name (``pipelines/configs/<task>/<name>.yaml``)."""
-    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*/*.yaml"))}
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*/*.yaml")) if p.parent.name != "schedules"}
 
 
 def list_configs() -> list[str]:
