@@ -97,7 +97,8 @@ def cmd_compare(args) -> int:
     from pipelines.reports.compare import compare
 
     compare(args.experiment, Path(args.output) if args.output else None, args.tracking_uri,
-            args.param, args.x, args.group, metrics=args.metric, log_artifact=not args.no_log)
+            args.param, args.x, args.group, metrics=args.metric, log_artifact=not args.no_log,
+            where=args.where, filters=args.filter, all_params=args.all_params)
     return 0
 
 
@@ -123,6 +124,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_schedule(args) -> int:
+    """``deeptrends schedule list|next|run|crontab|k8s`` (pipelines/schedule.py)."""
+    from datetime import UTC, datetime
+
+    from pipelines import schedule as sched
+
+    now = sched.parse_date(args.now) if getattr(args, "now", None) else datetime.now(UTC)
+    if args.action == "list":
+        rows = [(s.name, s.config, s.cron, s.timezone, "yes" if s.catchup else "no", s.max_catchup,
+                 s.retries, sched.next_fire_times(s, now)[0].isoformat()) for s in sched.list_schedules()]
+        print_table(rows, ("schedule", "config", "cron", "timezone", "catchup", "max_catchup",
+                           "retries", "next fire time"))
+        return 0
+    if args.action == "crontab":
+        names = args.names or list(sched.shipped_schedule_paths())
+        repo = Path(args.repo).resolve() if args.repo else Path.cwd()
+        binary = args.deeptrends or str(Path(sys.argv[0]).resolve())
+        print("\n".join(sched.crontab_lines([sched.load_schedule(n) for n in names], repo, binary)))
+        return 0
+    schedule = sched.load_schedule(args.name)
+    if args.action == "next":
+        for t in sched.next_fire_times(schedule, now, args.count):
+            print(f"{t.isoformat()}  (logical date {sched.canonical(t)})")
+        return 0
+    if args.action == "k8s":
+        import yaml
+
+        print(yaml.safe_dump(sched.k8s_cronjob(schedule, args.image, args.namespace), sort_keys=False),
+              end="")
+        return 0
+    _quiet_start()
+    try:
+        result = sched.run_schedule(schedule, args.logical_date, args.catch_up, args.dry_run,
+                                    now if args.now else None, args.retries)
+    except sched.ScheduleLocked as exc:
+        print(f"deeptrends: {exc}; try again later", file=sys.stderr)
+        return sched.EXIT_LOCKED
+    rows = [(d.logical_date, d.status, d.attempts, d.seconds, d.run_id or "-", d.version or "-",
+             d.alias or "-") for d in result.dates]
+    print(f"\n== deeptrends schedule run {schedule.name}: {len(result.dates)} date(s), "
+          f"{result.seconds:g} s ==")
+    print_table(rows, ("logical date", "status", "attempts", "seconds", "run", "version", "alias"))
+    if args.output_json:
+        write_text_atomic(args.output_json, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result.exit_code
+
+
 def cmd_launch(args) -> int:
     from pipelines.launch import launch
 
@@ -146,12 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this variant of a config with `variants:` (repeatable)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("compare", help="the finished runs of one MLflow experiment side by side (table + plot)")
-    p.add_argument("experiment", help="the MLflow experiment (a config's name)")
+    p = sub.add_parser("compare", help="finished runs of MLflow experiments side by side (table, plots, "
+                       "HTML report)")
+    p.add_argument("experiment", nargs="+", help="MLflow experiments (configs' names)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs whose param KEY (or tag, as tags.KEY) is VALUE (repeatable)")
+    p.add_argument("--filter", action="append", default=[], metavar="EXPR",
+                   help="an MLflow filter, e.g. \"metrics.eval_accuracy > 0.9\" (repeatable)")
+    p.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
     p.add_argument("--param", action="append", default=[], metavar="PARAM", help="a run param to show, e.g. model.name")
     p.add_argument("--x", default=None, metavar="PARAM", help="plot metrics over this param (e.g. data.length)")
     p.add_argument("--group", default=None, metavar="PARAM", help="one line per value of this param (e.g. model.name)")
-    p.add_argument("--output", default=None, help="folder for runs.csv and compare.png (default compare/EXPERIMENT)")
+    p.add_argument("--output", default=None, help="folder for runs.csv, the plots and report.html "
+                   "(default compare/EXPERIMENT)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--metric", action="append", default=[], metavar="M",
                    help="overlay every run's logged curve of this metric in curves.png, e.g. loss (repeatable)")
@@ -175,6 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--output-json", metavar="FILE", help="the chief writes the run summary here")
     p.set_defaults(fn=cmd_launch)
+
+    p = sub.add_parser("schedule", help="scheduled pipelines: list, next, run (idempotent per date), "
+                       "crontab, k8s")
+    ss = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ss.add_parser("list", help="the shipped schedules and their next fire times")
+    q.add_argument("--now", default=None, help=argparse.SUPPRESS)
+    q = ss.add_parser("next", help="the next fire times (logical dates) of a schedule")
+    q.add_argument("name", help="a shipped schedule (pipelines/configs/schedules/) or a YAML path")
+    q.add_argument("--count", type=int, default=5)
+    q.add_argument("--now", default=None, metavar="ISO", help="from this time instead of now")
+    q = ss.add_parser("run", help="train the due logical date(s) not done yet; exit code says what happened")
+    q.add_argument("name", help="a shipped schedule or a YAML path")
+    q.add_argument("--logical-date", default=None, metavar="ISO",
+                   help="train this date (Airflow: '{{ logical_date }}'); default: the latest fire time")
+    q.add_argument("--catch-up", action="store_true", help="also the missed fire times (max_catchup)")
+    q.add_argument("--dry-run", action="store_true", help="show what would train; train nothing")
+    q.add_argument("--retries", type=int, default=None, help="override the schedule's retries "
+                   "(0 where a scheduler such as Airflow retries)")
+    q.add_argument("--now", default=None, metavar="ISO", help="take this time as now (backfills, tests)")
+    q.add_argument("--output-json", metavar="FILE", help="also write the pass as JSON here")
+    q = ss.add_parser("crontab", help="print crontab lines for plain cron")
+    q.add_argument("names", nargs="*", help="schedules (default: every shipped one)")
+    q.add_argument("--repo", default=None, help="the checkout cron cds into (default: here)")
+    q.add_argument("--deeptrends", default=None, help="the deeptrends executable (default: this one)")
+    q = ss.add_parser("k8s", help="print a Kubernetes CronJob for a schedule")
+    q.add_argument("name", help="a shipped schedule or a YAML path")
+    q.add_argument("--image", default="deeptrends:latest")
+    q.add_argument("--namespace", default="deeptrends")
+    p.set_defaults(fn=cmd_schedule)
 
     sub.add_parser("configs", help="list the shipped experiment configs").set_defaults(fn=cmd_configs)
     sub.add_parser("models", help="list the registered models").set_defaults(fn=cmd_models)

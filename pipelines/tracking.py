@@ -336,6 +336,22 @@ class RunTracker:
                         "run_id": mv.run_id})
         return out
 
+    # -- best-of metrics and the dataset input (issue 16) -----------------------------------
+    def log_best(self, history: dict[str, list[float]]) -> dict[str, float]:
+        """Log ``best_<metric>`` of every per-epoch metric at the end of training (the runs
+        table and ``search_runs`` show a metric's last value only); returns them."""
+        best = best_of(history, self.config.tracking.gate)
+        self.log_metrics(best)
+        return best
+
+    def log_dataset(self, name: str, fingerprint: str, source: str = "", **tags: Any) -> None:
+        """Log the training data as the run's MLflow dataset input, its digest our own
+        content fingerprint (MLflow's numpy digest hashes only the first 10,000 elements)."""
+        if not self.enabled or not fingerprint:
+            return
+        mlflow.log_input(dataset_input(name, fingerprint, source), context="training",
+                         tags={k: str(v) for k, v in tags.items()} or None)
+
 
 def store_lock(uri: str):
     """A file lock beside a local SQLite store (first use creates its schema, which two
@@ -359,3 +375,49 @@ def end_status(exc: BaseException | None) -> str:
     from pipelines.loop import Preempted
 
     return "KILLED" if isinstance(exc, (Preempted, KeyboardInterrupt)) else "FAILED"
+
+
+# ---------------------------------------------------------------------- best-of metrics
+
+LOWER_IS_BETTER = ("loss", "error", "perplexity", "seconds", "distance", "mse", "mae", "nll")
+
+
+def metric_mode(name: str, gate: GateConfig | None = None) -> str:
+    """``"min"`` or ``"max"``: which value of metric ``name`` is the best. The gate's metric
+    (and its ``val_`` twin) follow ``gate.mode``; losses, errors, distances and times are
+    lower-is-better; anything else (accuracy, BLEU, ...) higher-is-better."""
+    base = name[4:] if name.startswith("val_") else name
+    base = base[5:] if base.startswith("eval_") else base
+    if gate is not None and base == gate.metric:
+        return gate.mode
+    return "min" if any(word in base.lower() for word in LOWER_IS_BETTER) else "max"
+
+
+def best_of(history: dict[str, list[float]], gate: GateConfig | None = None) -> dict[str, float]:
+    """``{"best_<metric>": best finite value}`` of a per-epoch history (the learning rate
+    is a setting, not a result, and is left out)."""
+    import math
+
+    out = {}
+    for name, values in history.items():
+        if name in ("learning_rate", "lr") or name.startswith("best_"):
+            continue
+        finite = [float(v) for v in values if _is_number(v) and math.isfinite(float(v))]
+        if finite:
+            out[f"best_{name}"] = (min if metric_mode(name, gate) == "min" else max)(finite)
+    return out
+
+
+def dataset_input(name: str, fingerprint: str, source: str = ""):
+    """An MLflow dataset whose digest is ``fingerprint`` (the store keeps at most 36
+    characters: a longer fingerprint, e.g. a TFDS name-version string, is hashed)."""
+    import hashlib
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = fingerprint
+    if len(digest) > 36:
+        digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:32]
+    source_tags = {"source": source or name, "fingerprint": fingerprint}
+    return MetaDataset(CodeDatasetSource(source_tags), name=name, digest=digest)

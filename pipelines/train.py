@@ -101,9 +101,11 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
         resumed_at = resume_point(start, config.train.epochs) if slot.resuming else None
         tracker.log_start(run_params(config, effective, inputs, strategy), run_tags(config, inputs),
                           resumed_at)
+        tracker.log_dataset(config.data.name, inputs.fingerprint, inputs.info.source)
 
         # -- model and fit ---------------------------------------------------------------
         model, history = fit_model(task, inputs, context, run_dir, slot=slot, tracker=tracker)
+        tracker.log_best(history)
         train_seconds = time.time() - started
         if not chief:  # evaluation, export and registration are the chief's
             return RunSummary(tracker.run_id, config.experiment_name, {}, None, None, [], None,

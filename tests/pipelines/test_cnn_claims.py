@@ -196,6 +196,8 @@ def test_compare_overlays_curves_and_logs_the_plot(tracking, tmp_path):
         "runs.csv",
         "compare.png",
         "curves.png",
+        "parallel.png",
+        "report.html",
     }
     compare(
         "claim-x", tmp_path / "cmp2", tracking, metrics=["loss"], log_artifact=False
