@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import keras
+    import mlflow
     import yaml
 
-    import mlflow
     from pipelines.config import apply_overrides, validate_config
     from pipelines.tasks.base import RunContext, get_task
     from pipelines.tracking import DEFAULT_URI
