@@ -27,17 +27,17 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# config -> budget overrides. Both save 4-5 checkpoints an epoch (every 10 steps and at the
-# end): the 6th is in epoch 2, so the kill lands between two mid-epoch checkpoints there.
+# config -> (budget overrides, the checkpoint to kill after). Checkpoints come every 10
+# steps and at each epoch's end (lenet5-digits: 44 steps, 5 an epoch; gan-digits: 40
+# steps, 4 an epoch): the kill lands in epoch 2 after its first mid-epoch checkpoint,
+# with two more mid-epoch checkpoints to go (a slow machine's lag stays mid-epoch).
 CASES = {
-    "lenet5-digits": ["train.epochs=3", "train.checkpoint_every_steps=10"],
-    "gan-digits": [
-        "train.epochs=2",
-        "train.checkpoint_every_steps=10",
-        "task_options.fid_samples=100",
-    ],
+    "lenet5-digits": (["train.epochs=3", "train.checkpoint_every_steps=10"], 6),
+    "gan-digits": (
+        ["train.epochs=2", "train.checkpoint_every_steps=10", "task_options.fid_samples=100"],
+        5,
+    ),
 }
-KILL_AFTER = 6
 
 
 def _command(config: str, sets: list[str], output_json: str) -> list[str]:
@@ -51,17 +51,23 @@ def _checkpoints(root: Path) -> list[Path]:
     return list(root.glob("runs/*/.resume/*/checkpoints/*"))
 
 
+def _latest_saved(root: Path) -> int:
+    """The number of the newest checkpoint the manager has recorded (0: none yet); its
+    state file is written atomically after the checkpoint itself."""
+    numbers = [0]
+    for state in root.glob("runs/*/.resume/*/checkpoints/*/checkpoint"):
+        found = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.M)
+        numbers.append(int(found.group(1)) if found else 0)
+    return max(numbers)
+
+
 def _kill_after_checkpoint(cmd: list[str], cwd: Path, env: dict, count: int) -> None:
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 600
     while time.time() < deadline:
-        saved = [
-            int(p.name.split("-")[1].split(".")[0])
-            for p in cwd.glob("runs/*/.resume/*/checkpoints/*/ckpt-*.index")
-        ]
-        if max(saved, default=0) >= count:
+        if _latest_saved(cwd) >= count:
             proc.kill()  # SIGKILL: no handler, no last checkpoint
             proc.wait()
             return
@@ -103,13 +109,14 @@ def test_kill_9_mid_epoch_then_the_same_command_exports_the_uninterrupted_model(
 ):
     from pipelines.loop import TrainingCheckpoint
 
+    sets, kill_after = CASES[config]
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "DEEPTRENDS_TFDS_DIR": tfds_dir,
     }
     straight = subprocess.run(
-        _command(config, CASES[config], "straight.json"),
+        _command(config, sets, "straight.json"),
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -119,8 +126,8 @@ def test_kill_9_mid_epoch_then_the_same_command_exports_the_uninterrupted_model(
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert not _checkpoints(tmp_path), "a finished run clears its slot"
 
-    cmd = _command(config, CASES[config], "resumed.json")
-    _kill_after_checkpoint(cmd, tmp_path, env, KILL_AFTER)
+    cmd = _command(config, sets, "resumed.json")
+    _kill_after_checkpoint(cmd, tmp_path, env, kill_after)
     [ckpt_dir] = _checkpoints(tmp_path)
     position = TrainingCheckpoint.peek(ckpt_dir)
     assert position.epoch >= 1 and position.step > 0, position  # killed mid-epoch, not at its end
@@ -157,7 +164,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _FIRST_PROGRESS = re.compile(r"(^|[\r\n])\s*1/3\b")
 
 
-def test_train_starts_quietly(tmp_path, tfds_dir):
+def test_train_starts_quietly(tmp_path):
+    """As on a fresh clone: a new MLflow store and a TFDS folder with nothing prepared."""
     cmd = [
         sys.executable,
         "-m",
@@ -172,7 +180,7 @@ def test_train_starts_quietly(tmp_path, tfds_dir):
     out = subprocess.run(
         cmd,
         cwd=tmp_path,
-        env=_user_env(tmp_path, tfds_dir),
+        env=_user_env(tmp_path, str(tmp_path / "tfds")),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
