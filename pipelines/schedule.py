@@ -380,14 +380,7 @@ def _attempt(schedule: Schedule, date: str) -> tuple[int, dict[str, Any]]:
     """One training attempt in a child process, stopped after ``schedule.timeout``."""
     with tempfile.TemporaryDirectory(prefix="deeptrends-schedule-") as tmp:
         summary_path = Path(tmp) / "summary.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pipelines.schedule",
-            schedule.model_dump_json(),
-            date,
-            str(summary_path),
-        ]
+        cmd = attempt_command(schedule, date, summary_path)
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
             code = proc.wait(timeout=schedule.timeout)
@@ -401,6 +394,18 @@ def _attempt(schedule: Schedule, date: str) -> tuple[int, dict[str, Any]]:
             json.loads(summary_path.read_text()) if code == 0 and summary_path.exists() else {}
         )
         return code, summary
+
+
+def attempt_command(schedule: Schedule, date: str, summary_path: Path) -> list[str]:
+    """The child process of one attempt: this interpreter, ``python -m pipelines.schedule``."""
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.schedule",
+        schedule.model_dump_json(),
+        date,
+        str(summary_path),
+    ]
 
 
 def _stop(proc: subprocess.Popen) -> None:
