@@ -72,30 +72,21 @@ def training_state(model) -> list:
     (weights, non-trainable state such as BatchNorm statistics and persistent chains, and
     the state of every ``keras.random.SeedGenerator`` the model, its wrapper and their
     layers hold: Dropout, recurrent dropout, GAN noise, Gibbs sampling, VAE/DRAW noise),
-    the metric accumulators, every optimizer's variables (iterations, slots, loss scale)
-    and Keras' global seed generator (``keras.random`` calls without a seed) if it exists.
-    Without the seed states a resumed run would restart its random streams."""
+    the metric accumulators and every optimizer's variables (iterations, slots, loss
+    scale). Without the seed states a resumed run would restart its random streams.
+
+    ``keras.random`` calls without a ``seed`` draw from Keras' process-wide generator,
+    which belongs to no model and is not checkpointed: a step that must resume exactly
+    draws from a ``SeedGenerator`` it owns, as Dropout and the trainers do."""
     variables = list(model.variables) + list(model.metrics_variables)
     for optimizer in optimizers_of(model):
         variables += list(optimizer.variables)
-    global_generator = _global_seed_generator()
-    if global_generator is not None:
-        variables.append(global_generator.state)
     unique, seen = [], set()
     for v in variables:
         if id(v) not in seen:
             seen.add(id(v))
             unique.append(v)
     return unique
-
-
-def _global_seed_generator():
-    try:
-        from keras.src.backend.common import global_state
-        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
-    except ImportError:  # a Keras without it: nothing to add
-        return None
-    return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
 
 
 def build_optimizers(model) -> None:
