@@ -189,3 +189,105 @@ register_dataset(
         shard_policy="DATA",
     )
 )
+
+# ------------------------------------------------------------------ object detection (issue 14)
+# Folder options of every VOC-style dataset (data/detection.py:load_voc_folder).
+_VOC_OPTIONS = {"path": None, "train_split": None, "eval_split": None, "class_names": None,
+                "test_fraction": 0.2, "split_seed": 20240}
+
+register_dataset(
+    DatasetEntry(
+        name="voc_folder",
+        kind="detection",
+        load="data.detection:load_voc_folder",
+        description="a Pascal VOC folder (Annotations/*.xml + JPEGImages/, optional ImageSets/Main "
+        "split lists; or annotations/ + images/ with data/<split>_labels.csv); data.path=DIR",
+        options=dict(_VOC_OPTIONS),
+        source="any VOC-format folder",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="bccd",
+        kind="detection",
+        load="data.detection:load_voc_folder",
+        description="BCCD blood-cell detection (364 images 640x480; RBC, WBC, Platelets), VOC XML; "
+        "trainval 292 / test 72 ($DEEPTRENDS_DATA_DIR/bccd_voc, or data.path)",
+        options={**_VOC_OPTIONS, "default_folder": "bccd_voc"},
+        source="Shenggan/BCCD_Dataset (MIT), $DEEPTRENDS_DATA_DIR/bccd_voc",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="raccoon",
+        kind="detection",
+        load="data.detection:load_voc_folder",
+        description="raccoon detection (200 photos, 1 class), VOC XML; train 160 / test 40 from "
+        "data/*_labels.csv ($DEEPTRENDS_DATA_DIR/raccoon_voc, or data.path)",
+        options={**_VOC_OPTIONS, "default_folder": "raccoon_voc"},
+        source="datitran/raccoon_dataset (research and tests only), $DEEPTRENDS_DATA_DIR/raccoon_voc",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="coco_json",
+        kind="detection",
+        load="data.detection:load_coco_json",
+        description="a COCO-format folder: instances JSON files (bbox x, y, w, h) and image folders",
+        options={"path": None, "train_annotations": "annotations/instances_train.json",
+                 "eval_annotations": "annotations/instances_val.json", "train_images": "train",
+                 "eval_images": "val", "class_names": None},
+        source="any COCO-format folder",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="tfds_detection",
+        kind="detection",
+        load="data.detection:load_tfds_detection",
+        description="a prepared TFDS detection set: voc/2007, voc/2012, coco/2017 (data.tfds_name)",
+        options={"tfds_name": "voc/2007", "train_split": "train+validation", "eval_split": "test",
+                 "max_boxes": 100},
+        source="TFDS (must be prepared under data.dir; no network)",
+    )
+)
+
+# ------------------------------------------------------------------ image captioning (issue 15)
+# The caption text options are translation's target-side ones (declared once, above).
+_CAPTION_TEXT_OPTIONS = {k: _TEXT_OPTIONS[k] for k in ("max_length", "target_vocab_size", "min_count")}
+_CAPTION_IMAGE_OPTIONS = {"load_size": 256, "split_seed": 20240, "validation_fraction": 0.1,
+                          "test_fraction": 0.1, "max_images": None}
+
+register_dataset(
+    DatasetEntry(
+        name="flickr8k",
+        kind="captioning",
+        load="data.captions:load_flickr8k",
+        description="a Flickr8k-layout folder (captions.txt or Flickr8k.token.txt, images/, official "
+        "split lists if present; default $DEEPTRENDS_DATA_DIR/flickr8k_1k: 753/113/125 images)",
+        options={"path": None, **_CAPTION_IMAGE_OPTIONS, **_CAPTION_TEXT_OPTIONS},
+        source="Flickr8k (Hodosh et al. 2013; research use) or any folder in its layout",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="coco_captions_json",
+        kind="captioning",
+        load="data.captions:load_coco_captions",
+        description="a COCO captions JSON (data.path) and its image folder (data.images_dir); "
+        "per-image 'split' keys (Karpathy) or a seeded split",
+        options={"path": None, "images_dir": None, **_CAPTION_IMAGE_OPTIONS, **_CAPTION_TEXT_OPTIONS},
+        source="any COCO-format captions file",
+    )
+)
+register_dataset(
+    DatasetEntry(
+        name="coco_captions",
+        kind="captioning",
+        load="data.captions:load_tfds_coco_captions",
+        description="TFDS coco_captions (COCO 2014, Karpathy splits), prepared under data.dir",
+        options={"tfds_name": "coco_captions", "train_split": "train", "validation_split": "val",
+                 "test_split": "test", "load_size": 256, "max_images": None, **_CAPTION_TEXT_OPTIONS},
+        source="TFDS (must be prepared under data.dir; no network)",
+    )
+)

@@ -214,3 +214,111 @@ def image_classifier_endpoints(
             [encode_check_images(images, raw_channels)],
         ),
     ]
+
+
+# ------------------------------------------------------------------ object detection (issue 14)
+# Detection outputs (TF Object Detection API names): ``detection_boxes`` [N, K, 4]
+# normalised (ymin, xmin, ymax, xmax) in the image as sent, ``detection_scores`` [N, K],
+# ``detection_classes`` [N, K] int64 (1-based: the i-th class name is class i; 0 pads),
+# ``detection_class_names`` [N, K] string ("" pads) and ``num_detections`` [N] int32.
+# Images of any size are decoded and detected one at a time (``tf.map_fn``), decoding,
+# resizing, the network, box decoding and NMS all inside the signature.
+
+
+def decode_any_image(data, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """One encoded image (JPEG, PNG, GIF, BMP, WebP) -> uint8 [H, W, 3] at its own size,
+    refused (``InvalidArgumentError``) when its header is no image's or promises more
+    than ``max_pixels`` pixels."""
+    h, w = image_header_size(data)
+    tf.debugging.assert_non_negative(h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image")
+    tf.debugging.assert_less_equal(
+        h * w, tf.constant(max_pixels, tf.int64),
+        message=f"image_bytes: the image is larger than export.max_image_pixels={max_pixels}",
+        summarize=2,
+    )
+    tf.debugging.assert_positive(h * w, message="image_bytes: the image has no pixels")
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def detection_output_signature(max_detections: int) -> dict:
+    k = int(max_detections)
+    return {
+        "detection_boxes": tf.TensorSpec([k, 4], tf.float32),
+        "detection_scores": tf.TensorSpec([k], tf.float32),
+        "detection_classes": tf.TensorSpec([k], tf.int64),
+        "num_detections": tf.TensorSpec([], tf.int32),
+    }
+
+
+def with_class_names(outputs: dict, class_names) -> dict:
+    """``outputs`` plus ``detection_class_names`` looked up from the 1-based classes."""
+    table = tf.constant(["", *[str(c) for c in class_names]])
+    return {**outputs, "detection_class_names": tf.gather(table, outputs["detection_classes"])}
+
+
+def checked_any_images(images, name: str = "images"):
+    """A finite float batch ``[N, H, W, 3]`` of any H, W, else ``InvalidArgumentError``."""
+    tf.debugging.assert_rank(images, 4, message=f"{name}: expected shape [None, None, None, 3]")
+    images = tf.ensure_shape(images, [None, None, None, 3], name=f"{name}_shape")
+    tf.debugging.assert_all_finite(images, message=f"{name}: NaN or inf values")
+    return images
+
+
+def image_detector_endpoints(detect_one, class_names, check_images, max_detections: int,
+                             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Endpoint]:
+    """``serving_default`` (``image_bytes``: encoded images of any size) and ``images``
+    (float [N, H, W, 3] in [0, 1]) of a detector; ``detect_one(image [H, W, 3] in [0, 1])``
+    returns one image's outputs (``detection_output_signature``). ``check_images``: a few
+    uint8 [H, W, 3] images to compare the saved signatures with the in-process ones."""
+    signature = detection_output_signature(max_detections)
+
+    def serve_bytes(image_bytes):
+        def one(data):
+            return detect_one(tf.cast(decode_any_image(data, max_pixels), tf.float32) / 255.0)
+
+        outputs = tf.map_fn(one, image_bytes, fn_output_signature=signature)
+        return with_class_names(outputs, class_names)
+
+    def serve_images(images):
+        images = checked_any_images(images)
+        outputs = tf.map_fn(detect_one, images, fn_output_signature=signature)
+        return with_class_names(outputs, class_names)
+
+    encoded = np.array([tf.io.encode_png(img).numpy() for img in check_images], dtype=object)
+    floats = np.stack([img.astype(np.float32) / 255.0 for img in check_images[:1]])
+    return [
+        Endpoint("serving_default", serve_bytes,
+                 [tf.TensorSpec([None], tf.string, name="image_bytes")], [encoded]),
+        Endpoint("images", serve_images,
+                 [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")], [floats]),
+    ]
+
+
+def proposal_detector_endpoints(detect_one, class_names, check_images, check_proposals,
+                                max_detections: int) -> list[Endpoint]:
+    """``serving_default`` of a detector that takes its region proposals from the client
+    (R-CNN: selective search cannot run inside a SavedModel): ``images`` float [N, H, W, 3]
+    in [0, 1] and ``proposals`` float [N, P, 4] normalised (ymin, xmin, ymax, xmax; rows of
+    zeros pad). ``detect_one(image, proposals)`` returns one image's outputs."""
+    signature = detection_output_signature(max_detections)
+
+    def serve(images, proposals):
+        images = checked_any_images(images)
+        tf.debugging.assert_rank(proposals, 3, message="proposals: expected shape [None, None, 4]")
+        proposals = tf.ensure_shape(proposals, [None, None, 4], name="proposals_shape")
+        tf.debugging.assert_all_finite(proposals, message="proposals: NaN or inf values")
+        tf.debugging.assert_equal(tf.shape(images)[0], tf.shape(proposals)[0],
+                                  message="proposals: one row of proposals per image")
+        outputs = tf.map_fn(lambda args: detect_one(*args), (images, proposals),
+                            fn_output_signature=signature)
+        return with_class_names(outputs, class_names)
+
+    images = np.stack([img.astype(np.float32) / 255.0 for img in check_images])
+    return [
+        Endpoint("serving_default", serve,
+                 [tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
+                  tf.TensorSpec([None, None, 4], tf.float32, name="proposals")],
+                 [images, np.asarray(check_proposals, np.float32)]),
+    ]
