@@ -368,6 +368,14 @@ def load_model(uri: str):
     return mlflow.keras.load_model(uri)
 
 
+def registered_version(uri: str) -> str:
+    """The version a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI points at."""
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if alias:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def end_status(exc: BaseException | None) -> str:
     """The MLflow status of a run that ended with ``exc`` (None: it finished)."""
     if exc is None:
