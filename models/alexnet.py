@@ -26,26 +26,30 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import (
-    ACTIVATIONS,
-    LocalResponseNormalization,
-    activation_layer,
+from models.checks import (
+    check_bool,
     check_choice,
     check_dropout,
     check_image_shape,
     check_num_classes,
+)
+from models.layers import (
+    ACTIVATIONS,
+    POOLINGS,
+    LocalResponseNormalization,
+    activation_layer,
     classifier_head,
     conv_bn_act,
     conv_initializer,
     feature_pooling,
     pool2d,
 )
-from models.registry import register_model
+from models.registry import FeatureMap, register_model
 
-# Input preprocessing of the papers, read by the classification task (models/ holds no
-# data code): train on random 224 crops of images resized to 256 (crop_fraction 224/256),
-# flipped at random, with PCA colour jitter (alpha ~ N(0, 0.1)); evaluate on the centre crop.
-PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+# The input preprocessing of the papers (registry metadata, applied by the classification
+# task): random 224 crops of images resized to 256 (crop_fraction 224/256), random flips,
+# PCA colour jitter (alpha ~ N(0, 0.1)); evaluation on the centre crop.
+_PAPER_PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
 
 # Per convolution: (filters, kernel, stride, zero padding: int or "same",
 #                   split over two GPUs, LRN after, max-pool after).
@@ -127,7 +131,9 @@ def alexnet_family(
             f"`groups` applies to AlexNet's two-GPU layout only; {variant} has dense "
             f"connections throughout. Received: groups={groups!r}"
         )
-    check_choice("pooling", pooling, (None, "avg", "max"))
+    check_choice("pooling", pooling, POOLINGS)
+    check_bool("batch_norm", batch_norm)
+    check_bool("lrn", lrn)
     name = name or variant
 
     inputs = keras.Input(shape=input_shape, name="images")
@@ -167,11 +173,24 @@ def alexnet_family(
     return keras.Model(inputs, x, name=name)
 
 
-@register_model("alexnet")
+# The last convolution (after its ReLU) at stride 16: 13x13x256 at 227 (AlexNet) or 224 (ZFNet).
+@register_model(
+    "alexnet",
+    task="classification",
+    family="alexnet",
+    features={"stride16": FeatureMap(layer="conv5_act", stride=16, channels=256)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def alexnet(**kwargs):
     return alexnet_family("alexnet", **kwargs)
 
 
-@register_model("zfnet")
+@register_model(
+    "zfnet",
+    task="classification",
+    family="alexnet",
+    features={"stride16": FeatureMap(layer="conv5_act", stride=16, channels=256)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def zfnet(**kwargs):
     return alexnet_family("zfnet", **kwargs)

@@ -26,13 +26,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from models.checks import check_bool, check_image_shape, check_positive_int
 from models.registry import register_model
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-    return value
 
 
 def gaussian_filterbank(center, delta, variance, size: int, n: int):
@@ -114,8 +109,11 @@ class DrawCore(keras.layers.Layer):
 
     # -- attention ----------------------------------------------------------------------
     def _filters(self, params_layer, h_dec, n: int):
+        """The filterbanks ``fx`` [B, N, W], ``fy`` [B, N, H] and the intensity [B, 1], in
+        the layer's compute dtype; computed in float32 (pixel coordinates and exponentials
+        of log-variances lose their precision in 16 bits under mixed precision)."""
         h, w, _ = self.image_shape
-        p = params_layer(h_dec)
+        p = ops.cast(params_layer(h_dec), "float32")
         gx_, gy_, log_var, log_delta, log_gamma = (p[:, i : i + 1] for i in range(5))
         gx = (w + 1) / 2.0 * (gx_ + 1.0)
         gy = (h + 1) / 2.0 * (gy_ + 1.0)
@@ -123,7 +121,7 @@ class DrawCore(keras.layers.Layer):
         var = ops.exp(log_var)
         fx = gaussian_filterbank(gx - 1.0, delta, var, w, n)  # 0-based pixel coordinates
         fy = gaussian_filterbank(gy - 1.0, delta, var, h, n)
-        return fx, fy, ops.exp(log_gamma)
+        return tuple(ops.cast(t, self.compute_dtype) for t in (fx, fy, ops.exp(log_gamma)))
 
     def read(self, x, x_hat, h_dec):
         """The glimpse of the image and the error image, flattened [B, read_dim]."""
@@ -184,7 +182,10 @@ class DrawCore(keras.layers.Layer):
             canvases.append(canvas)
             means.append(mu)
             log_sigmas.append(log_sigma)
-        return ops.stack(canvases, axis=1), ops.stack(means, axis=1), ops.stack(log_sigmas, axis=1)
+        # float32 outputs under mixed precision: the ELBO is computed from them
+        return tuple(
+            ops.cast(ops.stack(t, axis=1), "float32") for t in (canvases, means, log_sigmas)
+        )
 
     def generate(self, z):
         """Decoder only: ``z [B, T, latent_dim] -> canvases [B, T, H, W, C]`` (logits)."""
@@ -200,7 +201,7 @@ class DrawCore(keras.layers.Layer):
             h_dec, (h_dec, c_dec) = self.decoder_cell(z[:, t], [h_dec, c_dec])
             canvas = canvas + self.write(h_dec)
             canvases.append(canvas)
-        return ops.stack(canvases, axis=1)
+        return ops.cast(ops.stack(canvases, axis=1), "float32")
 
     def compute_output_shape(self, input_shape):
         x_shape = input_shape[0]
@@ -210,6 +211,10 @@ class DrawCore(keras.layers.Layer):
             (b, self.steps, self.latent_dim),
             (b, self.steps, self.latent_dim),
         )
+
+    def compute_output_spec(self, inputs):
+        shapes = self.compute_output_shape([tuple(t.shape) for t in inputs])
+        return tuple(keras.KerasTensor(shape, dtype="float32") for shape in shapes)
 
     def get_config(self):
         config = super().get_config()
@@ -252,14 +257,7 @@ def draw_network(
         write_size: int. N of the written patch.
         name: str. The model name.
     """
-    shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else ()
-    if len(shape) != 3 or any(
-        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
-    ):
-        raise ValueError(
-            "`input_shape` must be (H, W, C) of positive ints. "
-            f"Received: input_shape={input_shape!r}"
-        )
+    shape = check_image_shape(input_shape)
     for arg, value in (
         ("steps", steps),
         ("latent_dim", latent_dim),
@@ -268,9 +266,8 @@ def draw_network(
         ("read_size", read_size),
         ("write_size", write_size),
     ):
-        _positive_int(arg, value)
-    if not isinstance(attention, bool):
-        raise ValueError(f"`attention` must be a bool. Received: attention={attention!r}")
+        check_positive_int(arg, value)
+    check_bool("attention", attention)
     images = keras.Input(shape=shape, name="images")
     noise = keras.Input(shape=(steps, latent_dim), name="noise")
     core = DrawCore(
@@ -288,11 +285,11 @@ def draw_network(
     return keras.Model([images, noise], [canvases, z_mean, z_log_sigma], name=name)
 
 
-@register_model("draw")
+@register_model("draw", task="generation", family="draw")
 def draw(**kwargs):
     return draw_network(**kwargs)
 
 
-@register_model("draw_no_attention")
+@register_model("draw_no_attention", task="generation", family="draw")
 def draw_no_attention(**kwargs):
     return draw_network(**{"attention": False, **kwargs})

@@ -17,38 +17,10 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import check_dropout
+from models.checks import check_dropout, check_image_shape, check_positive_int, check_positive_ints
 from models.registry import register_model
 
 _DCGAN_INIT = keras.initializers.RandomNormal(stddev=0.02)
-
-
-def _check_common(input_shape, latent_dim, divisor: int) -> tuple[int, int, int]:
-    shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else ()
-    if (
-        len(shape) != 3
-        or any(not isinstance(d, int) or d < 1 for d in shape)
-        or shape[0] % divisor
-        or shape[1] % divisor
-    ):
-        raise ValueError(
-            f"`input_shape` must be (H, W, C) with H and W divisible by {divisor}. "
-            f"Received: input_shape={input_shape!r}"
-        )
-    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(
-            f"`latent_dim` must be a positive int. Received: latent_dim={latent_dim!r}"
-        )
-    return shape
-
-
-def _check_units(name: str, units) -> tuple[int, ...]:
-    units = tuple(units) if isinstance(units, (list, tuple)) else ()
-    if not units or any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
-        raise ValueError(
-            f"`{name}` must be a non-empty list of positive ints. Received: {name}={units!r}"
-        )
-    return units
 
 
 def _two_players(generator, discriminator, latent_dim: int, name: str):
@@ -68,8 +40,9 @@ def mlp_generator(shape, latent_dim, units, name="generator"):
         x = keras.layers.Dense(u, name=f"{name}_dense{i}")(x)
         x = keras.layers.LeakyReLU(0.2, name=f"{name}_act{i}")(x)
     size = shape[0] * shape[1] * shape[2]
-    x = keras.layers.Dense(size, activation="tanh", name=f"{name}_out")(x)
-    x = keras.layers.Reshape(shape, name=f"{name}_reshape")(x)
+    # The images in float32 under mixed precision, as DCGAN's (the discriminator's input).
+    x = keras.layers.Dense(size, activation="tanh", dtype="float32", name=f"{name}_out")(x)
+    x = keras.layers.Reshape(shape, dtype="float32", name=f"{name}_reshape")(x)
     return keras.Model(z, x, name=name)
 
 
@@ -104,10 +77,13 @@ def mlp_gan(
         dropout: float. Dropout rate after each hidden layer of D.
         name: str. The model name.
     """
-    shape = _check_common(input_shape, latent_dim, 1)
+    shape = check_image_shape(input_shape)
+    check_positive_int("latent_dim", latent_dim)
     check_dropout(dropout)
-    g = mlp_generator(shape, latent_dim, _check_units("generator_units", generator_units))
-    d = mlp_discriminator(shape, _check_units("discriminator_units", discriminator_units), dropout)
+    g = mlp_generator(shape, latent_dim, check_positive_ints("generator_units", generator_units))
+    d = mlp_discriminator(
+        shape, check_positive_ints("discriminator_units", discriminator_units), dropout
+    )
     return _two_players(g, d, latent_dim, name)
 
 
@@ -194,22 +170,20 @@ def deep_conv_gan(
         kernel_size: int. Kernel side of every (transposed) convolution (5 in the paper).
         name: str. The model name.
     """
-    filters = _check_units("filters", filters)
-    shape = _check_common(input_shape, latent_dim, 2 ** len(filters))
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(
-            f"`kernel_size` must be a positive int. Received: kernel_size={kernel_size!r}"
-        )
+    filters = check_positive_ints("filters", filters)
+    shape = check_image_shape(input_shape, divisor=2 ** len(filters))
+    check_positive_int("latent_dim", latent_dim)
+    check_positive_int("kernel_size", kernel_size)
     g = dcgan_generator(shape, latent_dim, filters, kernel_size)
     d = dcgan_discriminator(shape, filters, kernel_size)
     return _two_players(g, d, latent_dim, name)
 
 
-@register_model("gan")
+@register_model("gan", task="generation", family="gan")
 def gan(**kwargs):
     return mlp_gan(**kwargs)
 
 
-@register_model("dcgan")
+@register_model("dcgan", task="generation", family="gan")
 def dcgan(**kwargs):
     return deep_conv_gan(**kwargs)

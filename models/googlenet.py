@@ -27,26 +27,25 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import (
-    ACTIVATIONS,
-    LocalResponseNormalization,
-    activation_layer,
+from models.checks import (
+    check_bool,
     check_choice,
     check_dropout,
     check_image_shape,
     check_num_classes,
+)
+from models.layers import (
+    ACTIVATIONS,
+    POOLINGS,
+    LocalResponseNormalization,
+    activation_layer,
     classifier_head,
     conv_bn_act,
     conv_initializer,
     feature_pooling,
     pool2d,
 )
-from models.registry import register_model
-
-# Input preprocessing, read by the classification task: random crops of resized images
-# (224 of 256) and flips; evaluation on the centre crop. The paper's aspect-ratio crops and
-# photometric distortions (Howard 2013) are not reproduced.
-PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.0}
+from models.registry import FeatureMap, register_model
 
 # Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj; "pool" is a 3x3/2 max-pool.
 INCEPTION_V1_SPECS = (
@@ -148,15 +147,16 @@ def inception_v1(
             ``max`` pools it globally.
         name: str. The model name.
     """
-    if not isinstance(aux_logits, bool):
-        raise ValueError(f"`aux_logits` must be a bool. Received: aux_logits={aux_logits!r}")
+    check_bool("aux_logits", aux_logits)
+    check_bool("batch_norm", batch_norm)
+    check_bool("lrn", lrn)
     input_shape = check_image_shape(
         input_shape, min_size=32, allow_none=not (include_top and aux_logits)
     )
     check_num_classes(num_classes, include_top)
     check_dropout(dropout)
     check_choice("activation", activation, ACTIVATIONS)
-    check_choice("pooling", pooling, (None, "avg", "max"))
+    check_choice("pooling", pooling, POOLINGS)
     conv = dict(activation=activation, batch_norm=batch_norm)
 
     inputs = keras.Input(shape=input_shape, name="images")
@@ -200,6 +200,16 @@ def inception_v1(
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("googlenet")
+# Input preprocessing (registry metadata, applied by the classification task): random crops
+# of resized images (224 of 256) and flips; evaluation on the centre crop. The paper's
+# aspect-ratio crops and photometric distortions (Howard 2013) are not reproduced.
+# Feature map: the output of inception 4e, before the fourth pool (14x14x832 at 224x224).
+@register_model(
+    "googlenet",
+    task="classification",
+    family="googlenet",
+    features={"stride16": FeatureMap(layer="inception_4e_output", stride=16, channels=832)},
+    preprocessing={"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.0},
+)
 def googlenet(**kwargs):
     return inception_v1(**kwargs)

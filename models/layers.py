@@ -1,16 +1,13 @@
-"""Building blocks shared by every model family: activations and classifier heads."""
+"""Building blocks shared by every model family: activations, classifier heads, the CNN
+blocks (conv-BN-activation, ceil-mode pooling, LRN). Argument checks are in ``models.checks``."""
 
 from __future__ import annotations
 
 import keras
 
+from models.checks import check_choice, check_positive_int
+
 ACTIVATIONS = ("relu", "prelu", "sigmoid", "tanh")
-
-
-def check_choice(name: str, value: object, accepted: tuple) -> None:
-    """Raise ``ValueError`` naming the argument, the value and what is accepted."""
-    if value not in accepted:
-        raise ValueError(f"`{name}` must be one of {list(accepted)}. Received: {name}={value!r}")
 
 
 @keras.saving.register_keras_serializable(package="deeptrends")
@@ -77,52 +74,6 @@ BN_EPSILON = 1.001e-5
 """BatchNorm epsilon, as in ``keras.applications`` (so their weights transfer one-to-one)."""
 
 POOLINGS = (None, "avg", "max")
-
-
-def check_dropout(dropout: float, name: str = "dropout") -> None:
-    """Raise ``ValueError`` unless ``0 <= dropout < 1``."""
-    if (
-        isinstance(dropout, bool)
-        or not isinstance(dropout, (int, float))
-        or not (0.0 <= dropout < 1.0)
-    ):
-        raise ValueError(f"`{name}` must be a float in [0, 1). Received: {name}={dropout!r}")
-
-
-def check_num_classes(num_classes: int, include_top: bool) -> None:
-    """Raise ``ValueError`` unless ``num_classes`` is a positive int (when there is a top)."""
-    if include_top and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    ):
-        raise ValueError(
-            f"`num_classes` must be a positive int when include_top=True. "
-            f"Received: num_classes={num_classes!r}"
-        )
-
-
-def check_image_shape(input_shape, min_size: int = 32, allow_none: bool = False) -> tuple:
-    """Validate an ``(H, W, C)`` image shape and return it as a tuple.
-
-    Args:
-        input_shape: tuple. The image shape, channels last.
-        min_size: int. The smallest height and width accepted.
-        allow_none: bool. Whether H and W may be None (fully convolutional models only).
-    """
-    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    ok = shape is not None and len(shape) == 3 and isinstance(shape[2], int) and shape[2] > 0
-    if ok:
-        for size in shape[:2]:
-            if size is None:
-                ok = ok and allow_none
-            else:
-                ok = ok and isinstance(size, int) and size >= min_size
-    if not ok:
-        spatial = f"H, W >= {min_size}" + (" (or None)" if allow_none else "")
-        raise ValueError(
-            f"`input_shape` must be (H, W, C) with {spatial} and C >= 1. "
-            f"Received: input_shape={input_shape!r}"
-        )
-    return shape
 
 
 def pool2d(x, pool_size: int, strides: int, name: str, kind: str = "max"):
@@ -233,7 +184,7 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     def __init__(self, size=5, alpha=1e-4, beta=0.75, k=2.0, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        if check_positive_int("size", size) % 2 == 0:
             raise ValueError(f"`size` must be a positive odd int. Received: size={size!r}")
         self.size = size
         self.alpha = float(alpha)

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import activation_layer, check_choice, classifier_head, conv_initializer
+from models.checks import check_choice, check_dropout, check_image_shape, check_num_classes
+from models.layers import activation_layer, classifier_head, conv_initializer
 from models.registry import register_model
-
-# Input preprocessing, read by the classification task: none beyond scaling to [0, 1]
-# (LeCun et al. 1998 feed whole 32x32 digits; no crops, flips or colour jitter).
-PREPROCESSING = {"crop_fraction": 1.0, "flip": False, "pca_jitter": 0.0}
 
 
 def lenet(
@@ -48,16 +45,13 @@ def lenet(
         name: str. The model name.
     """
     check_choice("pooling", pooling, ("avg", "max"))
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    if len(input_shape) != 3 or min(input_shape[:2]) < 28:
-        raise ValueError(
-            f"`input_shape` must be (H, W, C) with H, W >= 28. Received: input_shape={input_shape}"
-        )
+    check_dropout(dropout)
+    input_shape = check_image_shape(input_shape, min_size=28)
+    check_num_classes(num_classes, include_top)
     pool = keras.layers.AveragePooling2D if pooling == "avg" else keras.layers.MaxPooling2D
     init = conv_initializer(activation)
 
-    inputs = keras.Input(shape=tuple(input_shape), name="images")
+    inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Conv2D(6, 5, kernel_initializer=init, name="c1")(inputs)  # 28x28x6
     x = activation_layer(activation, "c1_act")(x)
     x = pool(2, name="s2")(x)  # 14x14x6
@@ -81,6 +75,13 @@ def lenet(
     return keras.Model(inputs, x, name=name)
 
 
-@register_model("lenet5")
+# The input preprocessing of the paper: none beyond scaling to [0, 1] (LeCun et al. 1998
+# feed whole 32x32 digits; no crops, flips or colour jitter).
+@register_model(
+    "lenet5",
+    task="classification",
+    family="lenet",
+    preprocessing={"crop_fraction": 1.0, "flip": False, "pca_jitter": 0.0},
+)
 def lenet5(**kwargs):
     return lenet(**kwargs)

@@ -7,8 +7,8 @@ A Bernoulli-Bernoulli RBM has energy ``E(v, h) = -v.b - h.c - v W h``; its condi
 factorial, ``p(h=1|v) = sigmoid(v W + c)`` and ``p(v=1|h) = sigmoid(h W^T + b)``, and the free
 energy is ``F(v) = -v.b - sum_j softplus(v W_j + c_j)``. The ``RBM`` layer holds ``W, b, c``
 and exposes those functions in keras.ops; contrastive divergence (CD-k, persistent CD) and
-greedy layer-wise stacking are training algorithms and live with the generation task
-(``pipelines/tasks/generation.py``). Sampling functions take their uniform noise as an
+greedy layer-wise stacking are training algorithms and live with the generation task's
+trainers (``pipelines/trainers/``). Sampling functions take their uniform noise as an
 argument (or a seed), so a caller controls reproducibility.
 
 Registered: ``rbm`` (one RBM over flattened pixels), ``dbn`` (a stack of RBMs; the up-pass
@@ -22,28 +22,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from models.layers import check_dropout, classifier_head
+from models.checks import check_dropout, check_positive_int, check_positive_ints, check_shape
+from models.layers import classifier_head
 from models.registry import register_model
-
-
-def _check_units(hidden_units) -> tuple[int, ...]:
-    units = tuple(hidden_units) if isinstance(hidden_units, (list, tuple)) else None
-    if not units or any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
-        raise ValueError(
-            "`hidden_units` must be a non-empty list of positive ints. "
-            f"Received: hidden_units={hidden_units!r}"
-        )
-    return units
-
-
-def _check_shape(input_shape) -> tuple[int, ...]:
-    shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else None
-    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(
-            "`input_shape` must be a tuple of positive ints, e.g. (28, 28, 1). "
-            f"Received: input_shape={input_shape!r}"
-        )
-    return shape
 
 
 @keras.saving.register_keras_serializable(package="deeptrends")
@@ -52,6 +33,9 @@ class RBM(keras.layers.Layer):
     bias ``b`` [V] and hidden bias ``c`` [H]. Called on visible vectors it returns
     ``p(h=1|v)`` (the deterministic up-pass used to feed the next RBM of a DBN).
 
+    The layer computes in float32 whatever the global dtype policy (its probabilities and
+    free energies lose too much in 16 bits); pass ``dtype`` to choose otherwise.
+
     Args:
         units: int. The number of hidden units H.
         weight_stddev: float. Standard deviation of the initial weights (0.01 in Hinton's
@@ -59,10 +43,9 @@ class RBM(keras.layers.Layer):
     """
 
     def __init__(self, units: int, weight_stddev: float = 0.01, **kwargs):
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(f"`units` must be a positive int. Received: units={units!r}")
-        self.units = units
+        self.units = check_positive_int("units", units)
         self.weight_stddev = float(weight_stddev)
 
     def build(self, input_shape):
@@ -196,8 +179,8 @@ def deep_belief_network(
         weight_stddev: float. Standard deviation of the initial weights.
         name: str. The model name.
     """
-    shape = _check_shape(input_shape)
-    units = _check_units(hidden_units)
+    shape = check_shape("input_shape", input_shape)
+    units = check_positive_ints("hidden_units", hidden_units)
     inputs = keras.Input(shape=shape, name="images")
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, u in enumerate(units, start=1):
@@ -225,8 +208,8 @@ def dbn_classifier_network(
         classifier_activation: str or None. ``softmax`` or None for logits.
         name: str. The model name.
     """
-    shape = _check_shape(input_shape)
-    units = _check_units(hidden_units)
+    shape = check_shape("input_shape", input_shape)
+    units = check_positive_ints("hidden_units", hidden_units)
     check_dropout(dropout)
     inputs = keras.Input(shape=shape, name="images")
     x = keras.layers.Flatten(name="flatten")(inputs)
@@ -257,28 +240,20 @@ def load_dbn_weights(classifier, dbn) -> int:
     return len(layers)
 
 
-@register_model("rbm")
+@register_model("rbm", task="generation", family="rbm")
 def rbm(
     input_shape=(28, 28, 1), hidden_units: int = 500, weight_stddev: float = 0.01, name: str = "rbm"
 ):
     """One Bernoulli RBM. ``hidden_units``: int. The number of hidden units."""
-    units = (
-        [hidden_units]
-        if isinstance(hidden_units, int) and not isinstance(hidden_units, bool)
-        else hidden_units
-    )
-    if not isinstance(units, list) or len(units) != 1:
-        raise ValueError(
-            f"`hidden_units` must be a positive int. Received: hidden_units={hidden_units!r}"
-        )
+    units = [check_positive_int("hidden_units", hidden_units)]
     return deep_belief_network(input_shape, units, weight_stddev, name)
 
 
-@register_model("dbn")
+@register_model("dbn", task="generation", family="rbm")
 def dbn(**kwargs):
     return deep_belief_network(**kwargs)
 
 
-@register_model("dbn_classifier")
+@register_model("dbn_classifier", task="dbn_classification", family="rbm")
 def dbn_classifier(**kwargs):
     return dbn_classifier_network(**kwargs)

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import check_choice, check_dropout
+from models.checks import (
+    check_bool,
+    check_choice,
+    check_dropout,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from models.registry import register_model
 
 CELLS = {"rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
@@ -36,11 +42,6 @@ def recurrent_layer(cell: str, units: int, name: str, **kwargs) -> keras.layers.
     """
     check_choice("cell", cell, tuple(CELLS))
     return CELLS[cell](units, name=name, **kwargs)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
 
 
 def recurrent_network(
@@ -93,15 +94,14 @@ def recurrent_network(
             f"Received: vocab_size={vocab_size!r}, input_dim={input_dim!r}"
         )
     for arg, value in (("units", units), ("layers", layers), ("embedding_dim", embedding_dim)):
-        _check_positive_int(arg, value)
-    if vocab_size is not None:
-        _check_positive_int("vocab_size", vocab_size)
-    if input_dim is not None:
-        _check_positive_int("input_dim", input_dim)
+        check_positive_int(arg, value)
+    check_optional_positive_int("vocab_size", vocab_size)
+    check_optional_positive_int("input_dim", input_dim)
     if head != "language_model":
-        _check_positive_int("num_outputs", num_outputs)
-    if sequence_length is not None:
-        _check_positive_int("sequence_length", sequence_length)
+        check_positive_int("num_outputs", num_outputs)
+    check_optional_positive_int("sequence_length", sequence_length)
+    check_bool("bidirectional", bidirectional)
+    check_bool("stateful", stateful)
     check_dropout(dropout)
     check_dropout(recurrent_dropout, "recurrent_dropout")
     lm = head == "language_model"
@@ -112,7 +112,7 @@ def recurrent_network(
     if lm and bidirectional:
         raise ValueError("A language model cannot be bidirectional. Received: bidirectional=True")
     if stateful:
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
     name = name or (f"{cell}_lm" if lm else cell)
 
     batch = batch_size if stateful else None
@@ -152,31 +152,31 @@ def recurrent_network(
     return keras.Model(inputs, outputs, name=name)
 
 
-@register_model("rnn")
+@register_model("rnn", task="sequence", family="recurrent")
 def rnn(**kwargs):
     return recurrent_network(cell="rnn", **kwargs)
 
 
-@register_model("lstm")
+@register_model("lstm", task="sequence", family="recurrent")
 def lstm(**kwargs):
     return recurrent_network(cell="lstm", **kwargs)
 
 
-@register_model("gru")
+@register_model("gru", task="sequence", family="recurrent")
 def gru(**kwargs):
     return recurrent_network(cell="gru", **kwargs)
 
 
-@register_model("rnn_lm")
+@register_model("rnn_lm", task="sequence", family="recurrent")
 def rnn_lm(**kwargs):
     return recurrent_network(cell="rnn", head="language_model", **kwargs)
 
 
-@register_model("lstm_lm")
+@register_model("lstm_lm", task="sequence", family="recurrent")
 def lstm_lm(**kwargs):
     return recurrent_network(cell="lstm", head="language_model", **kwargs)
 
 
-@register_model("gru_lm")
+@register_model("gru_lm", task="sequence", family="recurrent")
 def gru_lm(**kwargs):
     return recurrent_network(cell="gru", head="language_model", **kwargs)

@@ -24,25 +24,32 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import (
-    ACTIVATIONS,
-    BN_EPSILON,
-    BN_MOMENTUM,
-    activation_layer,
+from models.checks import (
+    check_bool,
     check_choice,
     check_dropout,
     check_image_shape,
     check_num_classes,
+    check_positive_number,
+    check_rate,
+)
+from models.layers import (
+    ACTIVATIONS,
+    BN_EPSILON,
+    BN_MOMENTUM,
+    POOLINGS,
+    activation_layer,
     classifier_head,
     conv_initializer,
     feature_pooling,
 )
-from models.registry import register_model
+from models.registry import FeatureMap, register_model
 
-# Input preprocessing of the paper (section 3.4), read by the classification task: random
-# 224 crops of resized images, flips and the standard colour augmentation of AlexNet;
-# evaluation on the centre crop (the paper's scale jitter [256, 480] is not reproduced).
-PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+# The input preprocessing of the paper (section 3.4; registry metadata, applied by the
+# classification task): random 224 crops of resized images, flips and the standard colour
+# augmentation of AlexNet; evaluation on the centre crop (the paper's scale jitter
+# [256, 480] is not reproduced).
+_PAPER_PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
 
 # depth -> (block kind, blocks per stage) (Table 1 of the paper).
 RESNET_SPECS = {
@@ -156,18 +163,17 @@ def resnet(
             ``max`` pools it globally.
         name: str. The model name; None for ``resnet{depth}`` (``plain{depth}``).
     """
-    if depth not in RESNET_SPECS:
-        raise ValueError(
-            f"`depth` must be one of {sorted(RESNET_SPECS)}. Received: depth={depth!r}"
-        )
+    check_choice("depth", depth, sorted(RESNET_SPECS))
     input_shape = check_image_shape(input_shape, min_size=32, allow_none=True)
     check_num_classes(num_classes, include_top)
     check_dropout(dropout)
-    check_choice("pooling", pooling, (None, "avg", "max"))
-    if not 0.0 <= bn_momentum < 1.0:
-        raise ValueError(f"`bn_momentum` must be in [0, 1). Received: bn_momentum={bn_momentum!r}")
-    if not bn_epsilon > 0:
-        raise ValueError(f"`bn_epsilon` must be positive. Received: bn_epsilon={bn_epsilon!r}")
+    check_choice("pooling", pooling, POOLINGS)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_bool("batch_norm", batch_norm)
+    check_bool("use_bias", use_bias)
+    check_bool("residual", residual)
+    check_rate("bn_momentum", bn_momentum)
+    check_positive_number("bn_epsilon", bn_epsilon)
     kind, blocks = RESNET_SPECS[depth]
     opts = {
         "activation": activation,
@@ -177,7 +183,6 @@ def resnet(
         "bn_epsilon": bn_epsilon,
         "residual": residual,
     }
-    check_choice("activation", activation, ACTIVATIONS)
 
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
@@ -211,36 +216,81 @@ def resnet(
     return keras.Model(inputs, x, name=name or default_name)
 
 
-@register_model("resnet18")
+# Feature map: the output of stage 4 ("conv4", its last block), stride 16: 14x14 at 224x224,
+# 256 channels for basic blocks, 1024 for bottlenecks (Faster R-CNN's ResNet backbone).
+@register_model(
+    "resnet18",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block2_out", stride=16, channels=256)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def resnet18(**kwargs):
     return resnet(18, **kwargs)
 
 
-@register_model("resnet34")
+@register_model(
+    "resnet34",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block6_out", stride=16, channels=256)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def resnet34(**kwargs):
     return resnet(34, **kwargs)
 
 
-@register_model("resnet50")
+@register_model(
+    "resnet50",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block6_out", stride=16, channels=1024)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def resnet50(**kwargs):
     return resnet(50, **kwargs)
 
 
-@register_model("resnet101")
+@register_model(
+    "resnet101",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block23_out", stride=16, channels=1024)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def resnet101(**kwargs):
     return resnet(101, **kwargs)
 
 
-@register_model("resnet152")
+@register_model(
+    "resnet152",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block36_out", stride=16, channels=1024)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def resnet152(**kwargs):
     return resnet(152, **kwargs)
 
 
-@register_model("plain18")
+# The plain baselines: the same stacks (and layer names) without shortcuts.
+@register_model(
+    "plain18",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block2_out", stride=16, channels=256)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def plain18(**kwargs):
     return resnet(18, residual=False, **kwargs)
 
 
-@register_model("plain34")
+@register_model(
+    "plain34",
+    task="classification",
+    family="resnet",
+    features={"stride16": FeatureMap(layer="conv4_block6_out", stride=16, channels=256)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def plain34(**kwargs):
     return resnet(34, residual=False, **kwargs)

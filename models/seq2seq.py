@@ -22,7 +22,13 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from models.layers import check_choice, check_dropout
+from models.checks import (
+    check_choice,
+    check_dropout,
+    check_non_negative_number,
+    check_optional_positive_int,
+    check_positive_int,
+)
 from models.registry import register_model
 
 CELLS = ("gru", "lstm")
@@ -115,32 +121,12 @@ class Seq2Seq(keras.Model):
             ("embedding_dim", embedding_dim),
             ("units", units),
             ("attention_units", attention_units),
+            ("beam_width", beam_width),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{arg}` must be a positive int. Received: {arg}={value!r}")
+            check_positive_int(arg, value)
         check_dropout(dropout)
-        if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
-            raise ValueError(
-                f"`beam_width` must be an int >= 1. Received: beam_width={beam_width!r}"
-            )
-        if (
-            isinstance(length_penalty, bool)
-            or not isinstance(length_penalty, (int, float))
-            or length_penalty < 0
-        ):
-            raise ValueError(
-                "`length_penalty` must be a float >= 0. "
-                f"Received: length_penalty={length_penalty!r}"
-            )
-        if max_decode_length is not None and (
-            isinstance(max_decode_length, bool)
-            or not isinstance(max_decode_length, int)
-            or max_decode_length < 1
-        ):
-            raise ValueError(
-                "`max_decode_length` must be a positive int or None. "
-                f"Received: max_decode_length={max_decode_length!r}"
-            )
+        check_non_negative_number("length_penalty", length_penalty)
+        check_optional_positive_int("max_decode_length", max_decode_length)
         self.beam_width = beam_width
         self.length_penalty = float(length_penalty)
         self.max_decode_length = max_decode_length
@@ -297,6 +283,6 @@ def seq2seq_attention(
     return model
 
 
-@register_model("seq2seq")
+@register_model("seq2seq", task="translation", family="seq2seq")
 def seq2seq(**kwargs):
     return seq2seq_attention(**kwargs)

@@ -5,7 +5,7 @@ A convolutional encoder gives the mean and log-variance of a diagonal Gaussian
 ``q(z|x)``; a transposed-convolution decoder gives the parameters of ``p(x|z)``: Bernoulli
 logits, or the mean of a Gaussian with one learned log-scale per pixel. The
 reparameterisation ``z = mu + sigma * eps`` and the ELBO are the training algorithm's
-(``pipelines/tasks/generation.py``); this file holds the networks and the
+(``pipelines/trainers/elbo.py``); this file holds the networks and the
 likelihood in keras.ops.
 
 ``vae`` returns a model ``images -> [z_mean, z_log_var, decoded]`` whose nested
@@ -20,7 +20,7 @@ import math
 import keras
 from keras import ops
 
-from models.layers import check_choice
+from models.checks import check_choice, check_image_shape, check_positive_int, check_positive_ints
 from models.registry import register_model
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -75,8 +75,9 @@ def _conv_encoder(shape, filters, latent_dim, name):
             f, 3, strides=2, padding="same", activation="relu", name=f"{name}_conv{i}"
         )(x)
     x = keras.layers.Flatten(name=f"{name}_flatten")(x)
-    z_mean = keras.layers.Dense(latent_dim, name="z_mean")(x)
-    z_log_var = keras.layers.Dense(latent_dim, name="z_log_var")(x)
+    # The posterior's parameters in float32 under mixed precision (the ELBO's inputs).
+    z_mean = keras.layers.Dense(latent_dim, dtype="float32", name="z_mean")(x)
+    z_log_var = keras.layers.Dense(latent_dim, dtype="float32", name="z_log_var")(x)
     return keras.Model(inputs, [z_mean, z_log_var], name=name)
 
 
@@ -93,9 +94,10 @@ def _conv_decoder(shape, filters, latent_dim, likelihood, name):
         x = keras.layers.Conv2DTranspose(
             f, 3, strides=2, padding="same", activation="relu", name=f"{name}_deconv{i}"
         )(x)
-    x = keras.layers.Conv2D(c, 3, padding="same", name=f"{name}_out")(x)
+    # The likelihood's parameters in float32 under mixed precision.
+    x = keras.layers.Conv2D(c, 3, padding="same", dtype="float32", name=f"{name}_out")(x)
     if likelihood == "gaussian":
-        x = PixelLogScale(name=f"{name}_log_scale")(x)
+        x = PixelLogScale(dtype="float32", name=f"{name}_log_scale")(x)
     return keras.Model(z, x, name=name)
 
 
@@ -119,22 +121,9 @@ def conv_vae(
         name: str. The model name.
     """
     check_choice("likelihood", likelihood, LIKELIHOODS)
-    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(
-            f"`latent_dim` must be a positive int. Received: latent_dim={latent_dim!r}"
-        )
-    filters = tuple(filters)
-    if not filters or any(not isinstance(f, int) or f < 1 for f in filters):
-        raise ValueError(
-            f"`filters` must be a non-empty list of positive ints. Received: filters={filters!r}"
-        )
-    shape = tuple(input_shape)
-    div = 2 ** len(filters)
-    if len(shape) != 3 or shape[0] % div or shape[1] % div:
-        raise ValueError(
-            f"`input_shape` must be (H, W, C) with H and W divisible by {div} (2 ** len(filters)). "
-            f"Received: input_shape={input_shape!r}"
-        )
+    check_positive_int("latent_dim", latent_dim)
+    filters = check_positive_ints("filters", filters)
+    shape = check_image_shape(input_shape, divisor=2 ** len(filters))
     encoder = _conv_encoder(shape, filters, latent_dim, "encoder")
     decoder = _conv_decoder(shape, filters, latent_dim, likelihood, "decoder")
     inputs = keras.Input(shape=shape, name="images")
@@ -143,6 +132,6 @@ def conv_vae(
     return keras.Model(inputs, [z_mean, z_log_var, decoded], name=name)
 
 
-@register_model("vae")
+@register_model("vae", task="generation", family="vae")
 def vae(**kwargs):
     return conv_vae(**kwargs)

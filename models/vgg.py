@@ -18,25 +18,30 @@ from __future__ import annotations
 
 import keras
 
-from models.layers import (
-    ACTIVATIONS,
-    activation_layer,
+from models.checks import (
+    check_bool,
     check_choice,
     check_dropout,
     check_image_shape,
     check_num_classes,
+    check_positive_number,
+)
+from models.layers import (
+    ACTIVATIONS,
+    POOLINGS,
+    activation_layer,
     classifier_head,
     conv_bn_act,
     conv_initializer,
     feature_pooling,
     pool2d,
 )
-from models.registry import register_model
+from models.registry import FeatureMap, register_model
 
-# Input preprocessing of the paper (section 3.1), read by the classification task: random
-# crops of rescaled images (224 of 256), random flips and AlexNet's random RGB colour shift;
-# evaluation on the centre crop.
-PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+# The input preprocessing of the paper (section 3.1; registry metadata, applied by the
+# classification task): random crops of rescaled images (224 of 256), random flips and
+# AlexNet's random RGB colour shift; evaluation on the centre crop.
+_PAPER_PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
 
 # depth -> convolutions per block (Table 1, configurations A, B, D, E).
 VGG_SPECS = {
@@ -84,22 +89,14 @@ def vgg(
             ``max`` pools it globally.
         name: str. The model name; None for ``vgg{depth}``.
     """
-    if depth not in VGG_SPECS:
-        raise ValueError(f"`depth` must be one of {sorted(VGG_SPECS)}. Received: depth={depth!r}")
-    if (
-        isinstance(width_multiplier, bool)
-        or not isinstance(width_multiplier, (int, float))
-        or width_multiplier <= 0
-    ):
-        raise ValueError(
-            f"`width_multiplier` must be a positive number. "
-            f"Received: width_multiplier={width_multiplier!r}"
-        )
+    check_choice("depth", depth, sorted(VGG_SPECS))
+    check_positive_number("width_multiplier", width_multiplier)
     input_shape = check_image_shape(input_shape, min_size=32, allow_none=not include_top)
     check_choice("activation", activation, ACTIVATIONS)
     check_num_classes(num_classes, include_top)
     check_dropout(dropout)
-    check_choice("pooling", pooling, (None, "avg", "max"))
+    check_bool("batch_norm", batch_norm)
+    check_choice("pooling", pooling, POOLINGS)
 
     def width(units):
         return max(1, round(units * width_multiplier))
@@ -132,21 +129,48 @@ def vgg(
     return keras.Model(inputs, x, name=name or f"vgg{depth}")
 
 
-@register_model("vgg11")
+# The last convolution of block 5 (after its activation), before the fifth pool:
+# stride 16, the 14x14x512 map of a 224x224 image (detection's stride-16 map, captioning's
+# 14x14 grid; Show, Attend and Tell use VGG-19's conv5_4).
+@register_model(
+    "vgg11",
+    task="classification",
+    family="vgg",
+    features={"stride16": FeatureMap(layer="block5_conv2_act", stride=16, channels=512)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def vgg11(**kwargs):
     return vgg(11, **kwargs)
 
 
-@register_model("vgg13")
+@register_model(
+    "vgg13",
+    task="classification",
+    family="vgg",
+    features={"stride16": FeatureMap(layer="block5_conv2_act", stride=16, channels=512)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def vgg13(**kwargs):
     return vgg(13, **kwargs)
 
 
-@register_model("vgg16")
+@register_model(
+    "vgg16",
+    task="classification",
+    family="vgg",
+    features={"stride16": FeatureMap(layer="block5_conv3_act", stride=16, channels=512)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def vgg16(**kwargs):
     return vgg(16, **kwargs)
 
 
-@register_model("vgg19")
+@register_model(
+    "vgg19",
+    task="classification",
+    family="vgg",
+    features={"stride16": FeatureMap(layer="block5_conv4_act", stride=16, channels=512)},
+    preprocessing=_PAPER_PREPROCESSING,
+)
 def vgg19(**kwargs):
     return vgg(19, **kwargs)

@@ -11,10 +11,17 @@ import models  # noqa: E402
 def test_parameter_count_and_layout():
     model = models.create_model("lenet5", input_shape=(32, 32, 1), num_classes=10)
     assert model.count_params() == 61_706
-    shapes = {name: model.get_layer(name).output.shape[1:] for name in ("c1", "s2", "c3", "s4", "c5", "f6")}
+    shapes = {
+        name: model.get_layer(name).output.shape[1:]
+        for name in ("c1", "s2", "c3", "s4", "c5", "f6")
+    }
     assert shapes == {
-        "c1": (28, 28, 6), "s2": (14, 14, 6), "c3": (10, 10, 16), "s4": (5, 5, 16),
-        "c5": (1, 1, 120), "f6": (84,),
+        "c1": (28, 28, 6),
+        "s2": (14, 14, 6),
+        "c3": (10, 10, 16),
+        "s4": (5, 5, 16),
+        "c5": (1, 1, 120),
+        "f6": (84,),
     }
 
 
