@@ -46,10 +46,17 @@ from models.layers import (
 )
 from models.registry import FeatureMap, register_model
 
-# The input preprocessing of the papers (registry metadata, applied by the classification
-# task): random 224 crops of images resized to 256 (crop_fraction 224/256), random flips,
-# PCA colour jitter (alpha ~ N(0, 0.1)); evaluation on the centre crop.
-_PAPER_PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+# The registry metadata of both variants. The feature map: the last convolution (after its
+# ReLU) at stride 16, 13x13x256 at 227 (AlexNet) or 224 (ZFNet). The input preprocessing of
+# the papers (applied by the classification task): random 224 crops of images resized to
+# 256 (crop_fraction 224/256), random flips, PCA colour jitter (alpha ~ N(0, 0.1));
+# evaluation on the centre crop.
+_ALEXNET = {
+    "task": "classification",
+    "family": "alexnet",
+    "features": {"stride16": FeatureMap(layer="conv5_act", stride=16, channels=256)},
+    "preprocessing": {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1},
+}
 
 # Per convolution: (filters, kernel, stride, zero padding: int or "same",
 #                   split over two GPUs, LRN after, max-pool after).
@@ -173,24 +180,11 @@ def alexnet_family(
     return keras.Model(inputs, x, name=name)
 
 
-# The last convolution (after its ReLU) at stride 16: 13x13x256 at 227 (AlexNet) or 224 (ZFNet).
-@register_model(
-    "alexnet",
-    task="classification",
-    family="alexnet",
-    features={"stride16": FeatureMap(layer="conv5_act", stride=16, channels=256)},
-    preprocessing=_PAPER_PREPROCESSING,
-)
+@register_model("alexnet", **_ALEXNET)
 def alexnet(**kwargs):
     return alexnet_family("alexnet", **kwargs)
 
 
-@register_model(
-    "zfnet",
-    task="classification",
-    family="alexnet",
-    features={"stride16": FeatureMap(layer="conv5_act", stride=16, channels=256)},
-    preprocessing=_PAPER_PREPROCESSING,
-)
+@register_model("zfnet", **_ALEXNET)
 def zfnet(**kwargs):
     return alexnet_family("zfnet", **kwargs)

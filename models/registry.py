@@ -4,15 +4,16 @@ Model files register their variants with::
 
     @register_model("vgg16", task="classification", family="vgg",
                     features={"stride16": FeatureMap("block5_conv3_act", 16, 512)},
-                    preprocessing=PAPER_PREPROCESSING)
+                    preprocessing={"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1})
     def vgg16(**kwargs): ...
 
 Listing the registry must stay cheap (``deeptrends models`` never imports Keras), so the
 names and their metadata are read from the decorators in the package's source with
 ``ast``; the file that declares a model is imported only when the model is built. The
 metadata is therefore written as literals (strings, numbers, dicts, lists, ``FeatureMap``
-calls) or as names of module-level constants assigned such literals in the same file;
-the scan refuses anything else, and a test checks that the scan and the decorator agree.
+calls) or as names of module-level constants assigned such literals in the same file
+(``**_FAMILY`` unpacks a dict of the keywords a family's variants share); the scan
+refuses anything else, and a test checks that the scan and the decorator agree.
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def _literal(node: ast.AST, constants: dict[str, ast.AST], where: str) -> Any:
             _literal(k, constants, where): _literal(v, constants, where)
             for k, v in zip(node.keys, node.values, strict=True)
         }
-    if isinstance(node, ast.Name) and node.id in constants:
-        return _literal(constants[node.id], {}, where)  # a constant may not name another
+    if isinstance(node, ast.Name) and node.id in constants:  # a constant may name another
+        others = {k: v for k, v in constants.items() if k != node.id}
+        return _literal(constants[node.id], others, where)
     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "FeatureMap":
         args = [_literal(a, constants, where) for a in node.args]
         kwargs = {k.arg: _literal(k.value, constants, where) for k in node.keywords}
@@ -171,7 +173,12 @@ def _scan_file(path: Path) -> list[ModelInfo]:
                 continue
             name = deco.args[0].value
             where = f"models/{path.name}:{deco.lineno} ({name!r})"
-            meta = {k.arg: _literal(k.value, constants, where) for k in deco.keywords}
+            meta: dict[str, Any] = {}
+            for keyword in deco.keywords:  # name=value, or **CONSTANT (a dict of them)
+                value = _literal(keyword.value, constants, where)
+                if keyword.arg is None and not isinstance(value, dict):
+                    raise ValueError(f"{where}: ** must unpack a dict. Received: {value!r}")
+                meta.update(value if keyword.arg is None else {keyword.arg: value})
             unknown = set(meta) - set(_METADATA)
             missing = {"task", "family"} - set(meta)
             if unknown or missing:

@@ -45,11 +45,15 @@ from models.layers import (
 )
 from models.registry import FeatureMap, register_model
 
-# The input preprocessing of the paper (section 3.4; registry metadata, applied by the
-# classification task): random 224 crops of resized images, flips and the standard colour
-# augmentation of AlexNet; evaluation on the centre crop (the paper's scale jitter
-# [256, 480] is not reproduced).
-_PAPER_PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+# The registry metadata of every variant. The input preprocessing of the paper (section
+# 3.4; applied by the classification task): random 224 crops of resized images, flips and
+# the standard colour augmentation of AlexNet; evaluation on the centre crop (the paper's
+# scale jitter [256, 480] is not reproduced).
+_RESNET = {
+    "task": "classification",
+    "family": "resnet",
+    "preprocessing": {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1},
+}
 
 # depth -> (block kind, blocks per stage) (Table 1 of the paper).
 RESNET_SPECS = {
@@ -220,10 +224,8 @@ def resnet(
 # 256 channels for basic blocks, 1024 for bottlenecks (Faster R-CNN's ResNet backbone).
 @register_model(
     "resnet18",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block2_out", stride=16, channels=256)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def resnet18(**kwargs):
     return resnet(18, **kwargs)
@@ -231,10 +233,8 @@ def resnet18(**kwargs):
 
 @register_model(
     "resnet34",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block6_out", stride=16, channels=256)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def resnet34(**kwargs):
     return resnet(34, **kwargs)
@@ -242,10 +242,8 @@ def resnet34(**kwargs):
 
 @register_model(
     "resnet50",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block6_out", stride=16, channels=1024)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def resnet50(**kwargs):
     return resnet(50, **kwargs)
@@ -253,10 +251,8 @@ def resnet50(**kwargs):
 
 @register_model(
     "resnet101",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block23_out", stride=16, channels=1024)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def resnet101(**kwargs):
     return resnet(101, **kwargs)
@@ -264,10 +260,8 @@ def resnet101(**kwargs):
 
 @register_model(
     "resnet152",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block36_out", stride=16, channels=1024)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def resnet152(**kwargs):
     return resnet(152, **kwargs)
@@ -276,10 +270,8 @@ def resnet152(**kwargs):
 # The plain baselines: the same stacks (and layer names) without shortcuts.
 @register_model(
     "plain18",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block2_out", stride=16, channels=256)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def plain18(**kwargs):
     return resnet(18, residual=False, **kwargs)
@@ -287,10 +279,8 @@ def plain18(**kwargs):
 
 @register_model(
     "plain34",
-    task="classification",
-    family="resnet",
+    **_RESNET,
     features={"stride16": FeatureMap(layer="conv4_block6_out", stride=16, channels=256)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def plain34(**kwargs):
     return resnet(34, residual=False, **kwargs)

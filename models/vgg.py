@@ -38,10 +38,14 @@ from models.layers import (
 )
 from models.registry import FeatureMap, register_model
 
-# The input preprocessing of the paper (section 3.1; registry metadata, applied by the
-# classification task): random crops of rescaled images (224 of 256), random flips and
-# AlexNet's random RGB colour shift; evaluation on the centre crop.
-_PAPER_PREPROCESSING = {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1}
+# The registry metadata of every variant. The input preprocessing of the paper (section
+# 3.1; applied by the classification task): random crops of rescaled images (224 of 256),
+# random flips and AlexNet's random RGB colour shift; evaluation on the centre crop.
+_VGG = {
+    "task": "classification",
+    "family": "vgg",
+    "preprocessing": {"crop_fraction": 0.875, "flip": True, "pca_jitter": 0.1},
+}
 
 # depth -> convolutions per block (Table 1, configurations A, B, D, E).
 VGG_SPECS = {
@@ -134,10 +138,8 @@ def vgg(
 # 14x14 grid; Show, Attend and Tell use VGG-19's conv5_4).
 @register_model(
     "vgg11",
-    task="classification",
-    family="vgg",
+    **_VGG,
     features={"stride16": FeatureMap(layer="block5_conv2_act", stride=16, channels=512)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def vgg11(**kwargs):
     return vgg(11, **kwargs)
@@ -145,10 +147,8 @@ def vgg11(**kwargs):
 
 @register_model(
     "vgg13",
-    task="classification",
-    family="vgg",
+    **_VGG,
     features={"stride16": FeatureMap(layer="block5_conv2_act", stride=16, channels=512)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def vgg13(**kwargs):
     return vgg(13, **kwargs)
@@ -156,10 +156,8 @@ def vgg13(**kwargs):
 
 @register_model(
     "vgg16",
-    task="classification",
-    family="vgg",
+    **_VGG,
     features={"stride16": FeatureMap(layer="block5_conv3_act", stride=16, channels=512)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def vgg16(**kwargs):
     return vgg(16, **kwargs)
@@ -167,10 +165,8 @@ def vgg16(**kwargs):
 
 @register_model(
     "vgg19",
-    task="classification",
-    family="vgg",
+    **_VGG,
     features={"stride16": FeatureMap(layer="block5_conv4_act", stride=16, channels=512)},
-    preprocessing=_PAPER_PREPROCESSING,
 )
 def vgg19(**kwargs):
     return vgg(19, **kwargs)
