@@ -72,6 +72,18 @@ def ws(tmp_path, tfds_dir):
 
 
 def test_two_workers_end_with_the_single_process_weights(ws):
+    # the single process first: it prepares the TFDS copy of the data, which two workers
+    # starting together on an empty TFDS folder would both write
+    single = _cli(
+        "train",
+        "lenet5-digits",
+        *_sets(*BASE, "tracking.registered_model=sp"),
+        "--output-json",
+        "sp.json",
+        cwd=ws["cwd"],
+        env=ws["env"],
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
     multi = _cli(
         "launch",
         "--workers",
@@ -84,16 +96,6 @@ def test_two_workers_end_with_the_single_process_weights(ws):
         env=ws["env"],
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
-    single = _cli(
-        "train",
-        "lenet5-digits",
-        *_sets(*BASE, "tracking.registered_model=sp"),
-        "--output-json",
-        "sp.json",
-        cwd=ws["cwd"],
-        env=ws["env"],
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
     diff = _max_diff(_weights(ws["uri"], "models:/mw/1"), _weights(ws["uri"], "models:/sp/1"))
     assert diff < 1e-4, diff  # same batches, same updates; only the all-reduce order differs
     exported = [
