@@ -94,8 +94,9 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
                          strategy=strategy, log_metrics=tracker.sink)
     task = get_task(config.task)(context)
 
-    # -- data: before the MLflow run starts, so bad data leaves nothing behind -------------
+    # -- data and model: before the MLflow run starts, so bad input leaves nothing behind --
     inputs = task.build_inputs()
+    model = build_model(task, inputs, context)
     with tracker, slot.session(tracker):
         run_dir = Path(config.runtime.work_dir) / config.name / (tracker.run_id or _timestamp())
         resumed_at = resume_point(start, config.train.epochs) if slot.resuming else None
@@ -103,8 +104,9 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
                           resumed_at)
         tracker.log_dataset(config.data.name, inputs.fingerprint, inputs.info.source)
 
-        # -- model and fit ---------------------------------------------------------------
-        model, history = fit_model(task, inputs, context, run_dir, slot=slot, tracker=tracker)
+        # -- fit -------------------------------------------------------------------------
+        model, history = fit_model(task, inputs, context, run_dir, model=model, slot=slot,
+                                   tracker=tracker)
         tracker.log_best(history)
         train_seconds = time.time() - started
         if not chief:  # evaluation, export and registration are the chief's
@@ -156,12 +158,40 @@ def effective_config(config: ExperimentConfig, replicas: int) -> ExperimentConfi
     return effective
 
 
-def fit_model(task, inputs, context, run_dir: Path | None = None, *, slot=None, tracker=None,
-              extra_callbacks=()):
-    """Build and compile the task's model in the strategy's scope, restore the slot's
-    checkpoint, and train it with the shared loop under the config's budget; returns the
-    model and the whole per-epoch history (earlier epochs of a resumed run included).
-    Raises ``TrainingDiverged`` when the loss became NaN/inf."""
+def build_model(task, inputs, context):
+    """The task's model, built and compiled in the strategy's scope from the run's seed.
+    A model builder's argument error (``--set model.dropout=-1``) is a ``ConfigError``."""
+    import keras
+
+    # Seed again: preparing a dataset the first time may draw from the global generators,
+    # and the initial weights must not depend on whether the data was already on disk.
+    keras.utils.set_random_seed(context.config.runtime.seed)
+    with context.strategy.scope():
+        try:
+            return task.build_model(inputs)
+        except (ValueError, TypeError) as exc:
+            if not _raised_in_models(exc):
+                raise
+            raise ConfigError(f"Invalid config {context.config.name!r}: model: {exc}") from None
+
+
+def _raised_in_models(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by a builder in ``models/`` (its argument checks)."""
+    import models
+
+    root = str(Path(models.__file__).resolve().parent)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(root)
+
+
+def fit_model(task, inputs, context, run_dir: Path | None = None, *, model=None, slot=None,
+              tracker=None, extra_callbacks=()):
+    """Train the task's model (built here unless given) with the shared loop under the
+    config's budget, after restoring the slot's checkpoint; returns the model and the
+    whole per-epoch history (earlier epochs of a resumed run included). Raises
+    ``TrainingDiverged`` when the loss became NaN/inf."""
     import keras
 
     from pipelines import loop
@@ -175,11 +205,9 @@ def fit_model(task, inputs, context, run_dir: Path | None = None, *, slot=None, 
         checkpoint = loop.TrainingCheckpoint(
             slot.checkpoint_dir, every_n_steps=config.train.checkpoint_every_steps
         )
-    # Seed again: preparing a dataset the first time may draw from the global generators,
-    # and the initial weights must not depend on whether the data was already on disk.
-    keras.utils.set_random_seed(config.runtime.seed)
+    if model is None:
+        model = build_model(task, inputs, context)
     with strategy.scope():
-        model = task.build_model(inputs)
         if checkpoint is not None:
             checkpoint.attach(model)
             restored = checkpoint.restore() if slot.resuming else loop.Position()
