@@ -33,6 +33,22 @@ class ImageInfo(DatasetInfo):
         return float(self.preprocessing.get("crop_fraction", 1.0))
 
 
+def image_info(info, preprocessing: dict[str, Any]) -> ImageInfo:
+    """The ``ImageInfo`` of a ``data.images.ImageDatasetInfo`` and the resolved preprocessing."""
+    return ImageInfo(
+        dataset=info.name,
+        num_train=info.num_train,
+        num_eval=info.num_eval,
+        source=info.source,
+        num_classes=info.num_classes,
+        class_names=list(info.class_names),
+        image_shape=list(info.image_shape),
+        raw_shape=list(info.raw_shape),
+        shard_policy=info.shard_policy,
+        preprocessing=preprocessing,
+    )
+
+
 def resolve_preprocessing(config: ExperimentConfig) -> dict[str, Any]:
     """crop_fraction, flip and pca_jitter of a run: the config's where set, else (with
     ``data.preprocessing: model``) the model's registry entry, else none."""

@@ -43,6 +43,18 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     }
 
 
+def evaluate_classifier(model, eval_data, train_as_eval=None):
+    """Metrics on the eval split (and, given the un-augmented training split, the train
+    accuracy and the train/eval gap); returns them with the eval probabilities and labels."""
+    probs, labels = predict(model, eval_data)
+    values = classification_metrics(probs, labels)
+    if train_as_eval is not None:
+        train_probs, train_labels = predict(model, train_as_eval)
+        values["train_accuracy"] = float((train_probs.argmax(axis=1) == train_labels).mean())
+        values["train_eval_gap"] = values["train_accuracy"] - values["accuracy"]
+    return values, probs, labels
+
+
 def confusion_matrix_writer(probs: np.ndarray, labels: np.ndarray, class_names: list[str]):
     """An artifact writer: ``confusion_matrix.png`` of the predictions."""
 

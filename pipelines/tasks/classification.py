@@ -22,7 +22,7 @@ import models
 from data.images import build_image_datasets, build_train_as_eval
 from pipelines.callbacks import EpochsToTarget, GradientNorms, TimeLimit
 from pipelines.evaluation import classification as metrics
-from pipelines.image_inputs import ImageInfo, image_input_spec, resolve_preprocessing
+from pipelines.image_inputs import ImageInfo, image_info, image_input_spec, resolve_preprocessing
 from pipelines.optim import build_optimizer
 from pipelines.serving.signatures import image_classifier_endpoints
 from pipelines.tasks.base import Evaluation, Inputs, Serving, Task, first_batch, register_task
@@ -68,18 +68,7 @@ class ClassificationTask(Task):
             train=train,
             eval=evals,
             steps_per_epoch=self.config.train.steps_per_epoch or info.steps_per_epoch,
-            info=ImageInfo(
-                dataset=info.name,
-                num_train=info.num_train,
-                num_eval=info.num_eval,
-                source=info.source,
-                num_classes=info.num_classes,
-                class_names=list(info.class_names),
-                image_shape=list(info.image_shape),
-                raw_shape=list(info.raw_shape),
-                shard_policy=info.shard_policy,
-                preprocessing=self.preprocessing,
-            ),
+            info=image_info(info, self.preprocessing),
             check_batch=first_batch(evals),
             fingerprint=info.fingerprint,
         )
@@ -117,12 +106,8 @@ class ClassificationTask(Task):
         return out
 
     def evaluate(self, model, inputs: Inputs) -> Evaluation:
-        probs, labels = metrics.predict(model, inputs.eval)
-        values = metrics.classification_metrics(probs, labels)
-        if self.options.evaluate_train:
-            train_probs, train_labels = metrics.predict(model, build_train_as_eval(self.spec))
-            values["train_accuracy"] = float((train_probs.argmax(axis=1) == train_labels).mean())
-            values["train_eval_gap"] = values["train_accuracy"] - values["accuracy"]
+        train = build_train_as_eval(self.spec) if self.options.evaluate_train else None
+        values, probs, labels = metrics.evaluate_classifier(model, inputs.eval, train)
         writer = metrics.confusion_matrix_writer(probs, labels, inputs.info.class_names)
         return Evaluation(metrics=values, artifacts=[writer])
 

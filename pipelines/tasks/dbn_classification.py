@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipelines.config import ConfigError, ExperimentConfig, TrainConfig
 from pipelines.evaluation import classification as metrics
 from pipelines.image_inputs import ImageInfo, image_input_spec, resolve_preprocessing
+from pipelines.image_inputs import image_info as to_image_info
 from pipelines.tasks.base import (
     Evaluation,
     Inputs,
@@ -124,18 +125,7 @@ class DBNClassificationTask(Task):
         from data.images import build_image_datasets
 
         train, evals, info = build_image_datasets(self.spec)
-        image_info = ImageInfo(
-            dataset=info.name,
-            num_train=info.num_train,
-            num_eval=info.num_eval,
-            source=info.source,
-            num_classes=info.num_classes,
-            class_names=list(info.class_names),
-            image_shape=list(info.image_shape),
-            raw_shape=list(info.raw_shape),
-            shard_policy=info.shard_policy,
-            preprocessing=self.preprocessing,
-        )
+        image_info = to_image_info(info, self.preprocessing)
         return Inputs(
             train=train,
             eval=evals,
@@ -257,12 +247,8 @@ class DBNClassificationTask(Task):
         from data.images import build_train_as_eval
         from models.rbm import rbm_layers
 
-        probs, labels = metrics.predict(model, inputs.eval)
-        values = metrics.classification_metrics(probs, labels)
-        if self.options.evaluate_train:
-            train_probs, train_labels = metrics.predict(model, build_train_as_eval(self.spec))
-            values["train_accuracy"] = float((train_probs.argmax(axis=1) == train_labels).mean())
-            values["train_eval_gap"] = values["train_accuracy"] - values["accuracy"]
+        train = build_train_as_eval(self.spec) if self.options.evaluate_train else None
+        values, probs, labels = metrics.evaluate_classifier(model, inputs.eval, train)
         record = {
             **inputs.data.record,
             "layers_copied": len(rbm_layers(inputs.data.dbn)),  # load_dbn_weights copies all
