@@ -20,6 +20,7 @@
 #                               MLFLOW_AUTH_ADMIN_PASSWORD (and MLFLOW_AUTH_ADMIN_USERNAME [admin])
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  auth sessions; generated into the state folder when unset
 #   MLFLOW_ALLOWED_HOSTS        passed to --allowed-hosts (behind a reverse proxy: its host name)
+#   MLFLOW_UVICORN_OPTS [--timeout-worker-healthcheck 60]  passed to --uvicorn-opts
 #   MLFLOW_BIN [.venv/bin/mlflow]
 #
 # The database password is generated on first start into $DEEPTRENDS_STATE_DIR/secrets/pgpass
@@ -170,6 +171,9 @@ start() {
     extra+=(--app-name basic-auth)
   fi
   [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ] && extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+  # uvicorn restarts a worker that misses a 5 s health check; a loaded machine's workers take
+  # longer than that to import MLflow, and would be restarted forever
+  extra+=(--uvicorn-opts "${MLFLOW_UVICORN_OPTS:---timeout-worker-healthcheck 60}")
   mkdir -p "$STATE/artifacts"
   say "starting mlflow server on http://127.0.0.1:$PORT (auth: $AUTH, workers: $WORKERS)"
   setsid "$MLFLOW" server --backend-store-uri "$URI" --artifacts-destination "$STATE/artifacts" \
@@ -177,7 +181,7 @@ start() {
     >"$STATE/mlflow.log" 2>&1 </dev/null &
   echo $! >"$STATE/mlflow.pid"
   local i
-  for i in $(seq 1 240); do
+  for i in $(seq 1 600); do
     if health; then
       say "ready: export MLFLOW_TRACKING_URI=http://127.0.0.1:$PORT"
       return 0
@@ -186,7 +190,7 @@ start() {
     sleep 0.5
   done
   tail -30 "$STATE/mlflow.log" >&2
-  die "mlflow server did not answer /health within 120 s"
+  die "mlflow server did not answer /health within 300 s"
 }
 
 stop() {

@@ -94,6 +94,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    _quiet_start()
     from pipelines.reports.compare import compare
 
     compare(args.experiment, Path(args.output) if args.output else None, args.tracking_uri,

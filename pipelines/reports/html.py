@@ -42,7 +42,10 @@ def table(rows: Iterable[Sequence[Any]], header: Sequence[str], table_id: str = 
     ident = f' id="{esc(table_id)}"' if table_id else ""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+    return (
+        f'<div style="overflow-x: auto"><table{ident}><thead><tr>{head}</tr></thead><tbody>\n'
+        f"{body}\n</tbody></table></div>"
+    )
 
 
 def figure(png: Path, caption: str, figure_id: str = "") -> str:

@@ -35,7 +35,13 @@ def free_port() -> int:
 
 
 def quiet_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        # the venv's tools (uvicorn for `mlflow models serve`) without an activated venv
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env
