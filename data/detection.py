@@ -77,6 +77,7 @@ class DetectionSplits:
     source: str
     dropped_boxes: int = 0
     max_boxes: int = 100
+    max_proposals: int = 0  # R-CNN: proposals per image attached to the raw elements
     image_sizes: list[tuple[int, int]] = field(
         default_factory=list
     )  # (H, W) of every image, if known
@@ -485,8 +486,10 @@ def load_tfds_detection(
             else example[id_key],
         }
 
-    n_train = int(builder.info.splits[train_split].num_examples)
-    n_eval = int(builder.info.splits[eval_split].num_examples)
+    n_train, n_eval = (
+        _num_examples(builder, train_split, train),
+        _num_examples(builder, eval_split, evals),
+    )
     return DetectionSplits(
         train=train.map(convert),
         eval=evals.map(convert),
@@ -497,6 +500,14 @@ def load_tfds_detection(
         source=f"TFDS {tfds_name} {builder.version}",
         max_boxes=max_boxes,
     )
+
+
+def _num_examples(builder, split: str, dataset: tf.data.Dataset) -> int:
+    """The split's size from the builder's metadata, else by counting (mocked data)."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError):
+        return int(dataset.reduce(0, lambda n, _: n + 1))
 
 
 # ----------------------------------------------------------------------- records -> tf.data
@@ -640,6 +651,31 @@ class DetectionInputSpec:
     canvas: tuple[int, int] | None = None  # None: from the images' sizes
 
 
+def resized_images(dataset: tf.data.Dataset, min_size: int, max_size: int):
+    """(image_id, uint8 [h, w, 3] resized exactly as the pipeline resizes) of a raw split,
+    in order: what proposals are computed on."""
+    prep = _prepare(min_size, max_size, 10**6)
+    for element in dataset.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True):
+        yield element["image_id"].numpy().decode(), element["image"].numpy()
+
+
+def with_proposals(dataset: tf.data.Dataset, proposals: list[np.ndarray], count: int):
+    """``dataset`` (raw elements, in order) with ``proposals`` (normalised [P_i, 4] per
+    element, the first ``count`` kept) added to each element."""
+    padded = np.zeros((len(proposals), count, 4), np.float32)
+    counts = np.zeros(len(proposals), np.int32)
+    for i, p in enumerate(proposals):
+        k = min(count, len(p))
+        padded[i, :k], counts[i] = p[:k], k
+    extra = tf.data.Dataset.from_tensor_slices((padded, counts))
+
+    def merge(element, item):
+        boxes, k = item
+        return {**element, "proposals": boxes[:k]}
+
+    return tf.data.Dataset.zip((dataset, extra)).map(merge)
+
+
 def _prepare(min_size: int, max_size: int, max_boxes: int):
     def prep(element):
         image = element["image"]
@@ -648,7 +684,14 @@ def _prepare(min_size: int, max_size: int, max_boxes: int):
         size = tf.shape(resized)[:2]
         scale = tf.cast(tf.concat([size, size], 0), tf.float32)
         n = tf.minimum(tf.shape(element["labels"])[0], max_boxes)
+        extra = {}
+        if "proposals" in element:  # R-CNN: region proposals travel with their image
+            extra = {
+                "proposals": element["proposals"] * scale,
+                "num_proposals": tf.shape(element["proposals"])[0],
+            }
         return {
+            **extra,
             "image": tf.cast(tf.round(resized * 255.0), tf.uint8),  # cached as uint8
             "boxes": element["boxes"][:n] * scale,
             "labels": element["labels"][:n],
@@ -661,8 +704,12 @@ def _prepare(min_size: int, max_size: int, max_boxes: int):
     return prep
 
 
-def _padded_shapes(canvas, max_boxes):
+def _padded_shapes(canvas, max_boxes, max_proposals=None):
+    extra = {}
+    if max_proposals:
+        extra = {"proposals": [max_proposals, 4], "num_proposals": []}
     return {
+        **extra,
         "image": [canvas[0], canvas[1], 3],
         "boxes": [max_boxes, 4],
         "labels": [max_boxes],
@@ -681,7 +728,13 @@ _PADDING = {
     "image_size": tf.constant(0, tf.int32),
     "original_size": tf.constant(0, tf.int32),
     "image_id": tf.constant(""),
+    "proposals": tf.constant(0.0, tf.float32),
+    "num_proposals": tf.constant(0, tf.int32),
 }
+
+
+def _padding(shapes: dict) -> dict:
+    return {k: _PADDING[k] for k in shapes}
 
 
 def flip_batch(images, targets, key):
@@ -700,7 +753,13 @@ def flip_batch(images, targets, key):
     flipped = tf.stack([b[..., 0], w - b[..., 3], b[..., 2], w - b[..., 1]], axis=-1)
     valid = (targets["labels"] >= 0)[..., None]
     boxes = tf.where(flip[:, None, None] & valid, flipped, b)
-    return images, {**targets, "boxes": boxes}
+    out = {**targets, "boxes": boxes}
+    if "proposals" in targets:
+        p = targets["proposals"]
+        real = (tf.range(tf.shape(p)[1])[None, :] < targets["num_proposals"][:, None])[..., None]
+        moved = tf.stack([p[..., 0], w - p[..., 3], p[..., 2], w - p[..., 1]], axis=-1)
+        out["proposals"] = tf.where(flip[:, None, None] & real, moved, p)
+    return images, out
 
 
 def _to_model(element):
@@ -746,7 +805,7 @@ def build_detection_datasets(splits: DetectionSplits, spec: DetectionInputSpec):
     if spec.cache:
         train_raw = train_raw.cache()
     buffer = max(1, min(spec.shuffle_buffer, splits.num_train))
-    shapes = _padded_shapes(canvas, max_boxes)
+    shapes = _padded_shapes(canvas, max_boxes, splits.max_proposals)
 
     def one_epoch(epoch):
         ds = train_raw.shuffle(
@@ -755,7 +814,7 @@ def build_detection_datasets(splits: DetectionSplits, spec: DetectionInputSpec):
         ds = ds.padded_batch(
             spec.batch_size,
             padded_shapes=shapes,
-            padding_values=_PADDING,
+            padding_values=_padding(shapes),
             drop_remainder=spec.drop_remainder,
         )
         ds = ds.map(
@@ -784,7 +843,7 @@ def build_detection_datasets(splits: DetectionSplits, spec: DetectionInputSpec):
     if spec.cache:
         evals = evals.cache()
     evals = (
-        evals.padded_batch(spec.batch_size, padded_shapes=shapes, padding_values=_PADDING)
+        evals.padded_batch(spec.batch_size, padded_shapes=shapes, padding_values=_padding(shapes))
         .map(_to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
