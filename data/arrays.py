@@ -162,12 +162,18 @@ def read_mnist_idx(source_dir: str | Path | None = None) -> tuple[np.ndarray, np
 # ---------------------------------------------------------------- loaders
 
 
-def _from_builder(builder, train_split: str, eval_split: str, fingerprint: str, source: str) -> RawSplits:
+def _from_builder(
+    builder, train_split: str, eval_split: str, fingerprint: str, source: str
+) -> RawSplits:
     builder.download_and_prepare()
     info = builder.info
     read_config = tfds.ReadConfig(shuffle_seed=SPLIT_SEED, interleave_cycle_length=1)
-    train = builder.as_dataset(split=train_split, as_supervised=True, shuffle_files=False, read_config=read_config)
-    evals = builder.as_dataset(split=eval_split, as_supervised=True, shuffle_files=False, read_config=read_config)
+    train = builder.as_dataset(
+        split=train_split, as_supervised=True, shuffle_files=False, read_config=read_config
+    )
+    evals = builder.as_dataset(
+        split=eval_split, as_supervised=True, shuffle_files=False, read_config=read_config
+    )
     return RawSplits(
         train=train,
         eval=evals,
@@ -206,7 +212,9 @@ def load_mnist(data_dir: str | None = None, source: str = "auto") -> RawSplits:
             fp = f"tfds-mnist-{public.version}"
             return _from_builder(public, "train", "test", fp, "tfds:mnist")
         if source == "tfds":
-            raise DataError(f"TFDS 'mnist' is not prepared under {data_dir} (no network to download it).")
+            raise DataError(
+                f"TFDS 'mnist' is not prepared under {data_dir} (no network to download it)."
+            )
     images, labels = read_mnist_idx()
     fingerprint = fingerprint_arrays(images, labels, salt=f"mnist_test/{SPLIT_SEED}")
     builder = DeeptrendsMnistTest(

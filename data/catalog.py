@@ -68,7 +68,9 @@ def get_dataset(name: str) -> DatasetEntry:
         return _DATASETS[name]
     close = difflib.get_close_matches(name, list_datasets(), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise KeyError(f"Unknown dataset {name!r}.{hint} Registered datasets: {', '.join(list_datasets())}.")
+    raise KeyError(
+        f"Unknown dataset {name!r}.{hint} Registered datasets: {', '.join(list_datasets())}."
+    )
 
 
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +124,13 @@ register_dataset(
         load="data.folders:load_image_folder",
         description="a folder of images, a class per sub-folder (JPEG/PNG, any size; train/ and test/ "
         "sub-folders or a seeded stratified split), resized to load_size and held in memory",
-        options={"path": None, "load_size": 64, "grayscale": False, "test_fraction": 0.2, "split_seed": 20240},
+        options={
+            "path": None,
+            "load_size": 64,
+            "grayscale": False,
+            "test_fraction": 0.2,
+            "split_seed": 20240,
+        },
         source="any folder of images",
     )
 )
@@ -132,13 +140,24 @@ register_dataset(
         kind="image_classification",
         load="data.folders:load_tfds_images",
         description="any prepared TFDS image-classification dataset (data.tfds_name: mnist, cifar10, ...)",
-        options={"tfds_name": None, "train_split": "train", "eval_split": "test", "image_key": "image",
-                 "label_key": "label", "load_size": None},
+        options={
+            "tfds_name": None,
+            "train_split": "train",
+            "eval_split": "test",
+            "image_key": "image",
+            "label_key": "label",
+            "load_size": None,
+        },
         source="TFDS (must be prepared under data.dir; no network)",
     )
 )
 # tokenisation options of every translation dataset (read by the translation task)
-_TEXT_OPTIONS = {"max_length": 40, "source_vocab_size": 20000, "target_vocab_size": 20000, "min_count": 1}
+_TEXT_OPTIONS = {
+    "max_length": 40,
+    "source_vocab_size": 20000,
+    "target_vocab_size": 20000,
+    "min_count": 1,
+}
 
 register_dataset(
     DatasetEntry(
@@ -147,7 +166,14 @@ register_dataset(
         load="data.sequences:load_generated",
         description="generated long-term-dependency problems: the adding problem (regression) or "
         "first-symbol recall (classification) at a chosen sequence length",
-        options={"problem": "adding", "length": 50, "num_train": 10_000, "num_eval": 1_000, "symbols": 8, "seed": 1234},
+        options={
+            "problem": "adding",
+            "length": 50,
+            "num_train": 10_000,
+            "num_eval": 1_000,
+            "symbols": 8,
+            "seed": 1234,
+        },
         source="generated (Hochreiter & Schmidhuber 1997, experiment 4)",
     )
 )
@@ -158,8 +184,16 @@ register_dataset(
         load="data.sequences:load_text_lm",
         description="word-level language modelling on a text/TSV column (default: the English side "
         "of $DEEPTRENDS_DATA_DIR/deu_eng/deu.txt), seeded 90/10 split by sentence",
-        options={"path": None, "column": 0, "max_vocab": 10_000, "min_count": 1, "eval_fraction": 0.1,
-                 "max_lines": None, "seed": 1234, "seq_len": 35},
+        options={
+            "path": None,
+            "column": 0,
+            "max_vocab": 10_000,
+            "min_count": 1,
+            "eval_fraction": 0.1,
+            "max_lines": None,
+            "seed": 1234,
+            "seq_len": 35,
+        },
         source="any UTF-8 text file",
     )
 )
@@ -170,9 +204,17 @@ register_dataset(
         load="data.translation:load_tsv_translation",
         description="a tab-separated parallel corpus (default $DEEPTRENDS_DATA_DIR/deu_eng/deu.txt, "
         "German->English), split train/validation/test grouped by source sentence",
-        options={"path": None, "direction": "reverse", "skip_bad_lines": False, "ignore_extra_columns": False,
-                 "test_size": 2000, "validation_size": 1000, "split_seed": 2024, "max_pairs": None,
-                 **_TEXT_OPTIONS},
+        options={
+            "path": None,
+            "direction": "reverse",
+            "skip_bad_lines": False,
+            "ignore_extra_columns": False,
+            "test_size": 2000,
+            "validation_size": 1000,
+            "split_seed": 2024,
+            "max_pairs": None,
+            **_TEXT_OPTIONS,
+        },
         source="any source<TAB>target file (manythings.org/Tatoeba exports)",
     )
 )
@@ -182,9 +224,15 @@ register_dataset(
         kind="translation",
         load="data.translation:load_tfds_translation",
         description="a prepared TFDS translation set (ted_hrlr_translate/*, wmt*_translate/*)",
-        options={"tfds_name": "ted_hrlr_translate/pt_to_en", "source_language": None, "target_language": None,
-                 "test_split": "test", "validation_split": "validation", "max_pairs": None,
-                 **_TEXT_OPTIONS},
+        options={
+            "tfds_name": "ted_hrlr_translate/pt_to_en",
+            "source_language": None,
+            "target_language": None,
+            "test_split": "test",
+            "validation_split": "validation",
+            "max_pairs": None,
+            **_TEXT_OPTIONS,
+        },
         source="TFDS (must be prepared under data.dir; no network)",
         shard_policy="DATA",
     )
@@ -192,8 +240,14 @@ register_dataset(
 
 # ------------------------------------------------------------------ object detection (issue 14)
 # Folder options of every VOC-style dataset (data/detection.py:load_voc_folder).
-_VOC_OPTIONS = {"path": None, "train_split": None, "eval_split": None, "class_names": None,
-                "test_fraction": 0.2, "split_seed": 20240}
+_VOC_OPTIONS = {
+    "path": None,
+    "train_split": None,
+    "eval_split": None,
+    "class_names": None,
+    "test_fraction": 0.2,
+    "split_seed": 20240,
+}
 
 register_dataset(
     DatasetEntry(
@@ -234,9 +288,14 @@ register_dataset(
         kind="detection",
         load="data.detection:load_coco_json",
         description="a COCO-format folder: instances JSON files (bbox x, y, w, h) and image folders",
-        options={"path": None, "train_annotations": "annotations/instances_train.json",
-                 "eval_annotations": "annotations/instances_val.json", "train_images": "train",
-                 "eval_images": "val", "class_names": None},
+        options={
+            "path": None,
+            "train_annotations": "annotations/instances_train.json",
+            "eval_annotations": "annotations/instances_val.json",
+            "train_images": "train",
+            "eval_images": "val",
+            "class_names": None,
+        },
         source="any COCO-format folder",
     )
 )
@@ -246,17 +305,28 @@ register_dataset(
         kind="detection",
         load="data.detection:load_tfds_detection",
         description="a prepared TFDS detection set: voc/2007, voc/2012, coco/2017 (data.tfds_name)",
-        options={"tfds_name": "voc/2007", "train_split": "train+validation", "eval_split": "test",
-                 "max_boxes": 100},
+        options={
+            "tfds_name": "voc/2007",
+            "train_split": "train+validation",
+            "eval_split": "test",
+            "max_boxes": 100,
+        },
         source="TFDS (must be prepared under data.dir; no network)",
     )
 )
 
 # ------------------------------------------------------------------ image captioning (issue 15)
 # The caption text options are translation's target-side ones (declared once, above).
-_CAPTION_TEXT_OPTIONS = {k: _TEXT_OPTIONS[k] for k in ("max_length", "target_vocab_size", "min_count")}
-_CAPTION_IMAGE_OPTIONS = {"load_size": 256, "split_seed": 20240, "validation_fraction": 0.1,
-                          "test_fraction": 0.1, "max_images": None}
+_CAPTION_TEXT_OPTIONS = {
+    k: _TEXT_OPTIONS[k] for k in ("max_length", "target_vocab_size", "min_count")
+}
+_CAPTION_IMAGE_OPTIONS = {
+    "load_size": 256,
+    "split_seed": 20240,
+    "validation_fraction": 0.1,
+    "test_fraction": 0.1,
+    "max_images": None,
+}
 
 register_dataset(
     DatasetEntry(
@@ -276,7 +346,12 @@ register_dataset(
         load="data.captions:load_coco_captions",
         description="a COCO captions JSON (data.path) and its image folder (data.images_dir); "
         "per-image 'split' keys (Karpathy) or a seeded split",
-        options={"path": None, "images_dir": None, **_CAPTION_IMAGE_OPTIONS, **_CAPTION_TEXT_OPTIONS},
+        options={
+            "path": None,
+            "images_dir": None,
+            **_CAPTION_IMAGE_OPTIONS,
+            **_CAPTION_TEXT_OPTIONS,
+        },
         source="any COCO-format captions file",
     )
 )
@@ -286,8 +361,15 @@ register_dataset(
         kind="captioning",
         load="data.captions:load_tfds_coco_captions",
         description="TFDS coco_captions (COCO 2014, Karpathy splits), prepared under data.dir",
-        options={"tfds_name": "coco_captions", "train_split": "train", "validation_split": "val",
-                 "test_split": "test", "load_size": 256, "max_images": None, **_CAPTION_TEXT_OPTIONS},
+        options={
+            "tfds_name": "coco_captions",
+            "train_split": "train",
+            "validation_split": "val",
+            "test_split": "test",
+            "load_size": 256,
+            "max_images": None,
+            **_CAPTION_TEXT_OPTIONS,
+        },
         source="TFDS (must be prepared under data.dir; no network)",
     )
 )

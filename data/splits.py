@@ -35,7 +35,9 @@ class RawSplits:
         return len(self.class_names)
 
 
-def stratified_split(labels: np.ndarray, test_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, test_size: int | float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a seeded, stratified train/test split."""
     from sklearn.model_selection import train_test_split
 

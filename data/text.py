@@ -156,8 +156,12 @@ def utf8_payload(raw: bytes, path: Path) -> bytes:
     instead of being read line by line as garbage (``skip_bad_lines`` would skip it all)."""
     if raw.startswith(b"\xef\xbb\xbf"):
         return raw[3:]
-    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+    for bom, name in (
+        (b"\xff\xfe\x00\x00", "UTF-32"),
+        (b"\x00\x00\xfe\xff", "UTF-32"),
+        (b"\xff\xfe", "UTF-16"),
+        (b"\xfe\xff", "UTF-16"),
+    ):
         if raw.startswith(bom):
             raise DataError(f"data.path: {path}: {name} text; save the file as UTF-8")
     if raw[:200].count(b"\x00") > 10:

@@ -39,8 +39,9 @@ class GradientNorms(keras.callbacks.Callback):
         plot_path: path or None. Where ``plot`` draws the norms when training ends.
     """
 
-    def __init__(self, batch, every_steps: int = 50, sink=None, prefix: str = "grad_norm",
-                 plot_path=None):
+    def __init__(
+        self, batch, every_steps: int = 50, sink=None, prefix: str = "grad_norm", plot_path=None
+    ):
         super().__init__()
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1. Received: every_steps={every_steps!r}")

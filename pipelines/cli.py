@@ -21,8 +21,15 @@ def cmd_configs(args) -> int:
     rows = []
     for name, path in shipped_config_paths().items():
         raw = read_yaml(path)
-        rows.append((name, raw.get("task", ""), (raw.get("model") or {}).get("name", ""),
-                     (raw.get("data") or {}).get("name", ""), raw.get("description", "")))
+        rows.append(
+            (
+                name,
+                raw.get("task", ""),
+                (raw.get("model") or {}).get("name", ""),
+                (raw.get("data") or {}).get("name", ""),
+                raw.get("description", ""),
+            )
+        )
     print_table(rows, ("config", "task", "model", "data", "description"))
     return 0
 
@@ -41,7 +48,15 @@ def cmd_datasets(args) -> int:
     rows = []
     for name in data.list_datasets():
         e = data.get_dataset(name)
-        rows.append((name, e.kind, e.shard_policy, ", ".join(f"{k}={v}" for k, v in e.options.items()), e.description))
+        rows.append(
+            (
+                name,
+                e.kind,
+                e.shard_policy,
+                ", ".join(f"{k}={v}" for k, v in e.options.items()),
+                e.description,
+            )
+        )
     print_table(rows, ("dataset", "kind", "shard", "options", "description"))
     return 0
 
@@ -71,7 +86,15 @@ def cmd_train(args) -> int:
     configs = load_runs(args.config, args.set, only=args.variant)  # one, or one per variant
     for config in configs:
         check_config(config)
-    keys = ("run_id", "experiment", "metrics", "model_name", "model_version", "aliases", "export_path")
+    keys = (
+        "run_id",
+        "experiment",
+        "metrics",
+        "model_name",
+        "model_version",
+        "aliases",
+        "export_path",
+    )
     from pipelines.loop import Preempted
 
     outs = []
@@ -97,9 +120,19 @@ def cmd_compare(args) -> int:
     _quiet_start()
     from pipelines.reports.compare import compare
 
-    compare(args.experiment, Path(args.output) if args.output else None, args.tracking_uri,
-            args.param, args.x, args.group, metrics=args.metric, log_artifact=not args.no_log,
-            where=args.where, filters=args.filter, all_params=args.all_params)
+    compare(
+        args.experiment,
+        Path(args.output) if args.output else None,
+        args.tracking_uri,
+        args.param,
+        args.x,
+        args.group,
+        metrics=args.metric,
+        log_artifact=not args.no_log,
+        where=args.where,
+        filters=args.filter,
+        all_params=args.all_params,
+    )
     return 0
 
 
@@ -108,8 +141,15 @@ def cmd_bench(args) -> int:
     from pipelines.reports.bench import bench
 
     try:
-        bench(args.model, args.image_size, args.batch_size, args.steps, args.rounds,
-              jit_compile=args.jit_compile, output_json=args.output_json)
+        bench(
+            args.model,
+            args.image_size,
+            args.batch_size,
+            args.steps,
+            args.rounds,
+            jit_compile=args.jit_compile,
+            output_json=args.output_json,
+        )
     except ValueError as exc:
         print(f"deeptrends: error: {exc}", file=sys.stderr)
         return 2
@@ -133,10 +173,32 @@ def cmd_schedule(args) -> int:
 
     now = sched.parse_date(args.now) if getattr(args, "now", None) else datetime.now(UTC)
     if args.action == "list":
-        rows = [(s.name, s.config, s.cron, s.timezone, "yes" if s.catchup else "no", s.max_catchup,
-                 s.retries, sched.next_fire_times(s, now)[0].isoformat()) for s in sched.list_schedules()]
-        print_table(rows, ("schedule", "config", "cron", "timezone", "catchup", "max_catchup",
-                           "retries", "next fire time"))
+        rows = [
+            (
+                s.name,
+                s.config,
+                s.cron,
+                s.timezone,
+                "yes" if s.catchup else "no",
+                s.max_catchup,
+                s.retries,
+                sched.next_fire_times(s, now)[0].isoformat(),
+            )
+            for s in sched.list_schedules()
+        ]
+        print_table(
+            rows,
+            (
+                "schedule",
+                "config",
+                "cron",
+                "timezone",
+                "catchup",
+                "max_catchup",
+                "retries",
+                "next fire time",
+            ),
+        )
         return 0
     if args.action == "crontab":
         names = args.names or list(sched.shipped_schedule_paths())
@@ -152,20 +214,42 @@ def cmd_schedule(args) -> int:
     if args.action == "k8s":
         import yaml
 
-        print(yaml.safe_dump(sched.k8s_cronjob(schedule, args.image, args.namespace), sort_keys=False),
-              end="")
+        print(
+            yaml.safe_dump(
+                sched.k8s_cronjob(schedule, args.image, args.namespace), sort_keys=False
+            ),
+            end="",
+        )
         return 0
     _quiet_start()
     try:
-        result = sched.run_schedule(schedule, args.logical_date, args.catch_up, args.dry_run,
-                                    now if args.now else None, args.retries)
+        result = sched.run_schedule(
+            schedule,
+            args.logical_date,
+            args.catch_up,
+            args.dry_run,
+            now if args.now else None,
+            args.retries,
+        )
     except sched.ScheduleLocked as exc:
         print(f"deeptrends: {exc}; try again later", file=sys.stderr)
         return sched.EXIT_LOCKED
-    rows = [(d.logical_date, d.status, d.attempts, d.seconds, d.run_id or "-", d.version or "-",
-             d.alias or "-") for d in result.dates]
-    print(f"\n== deeptrends schedule run {schedule.name}: {len(result.dates)} date(s), "
-          f"{result.seconds:g} s ==")
+    rows = [
+        (
+            d.logical_date,
+            d.status,
+            d.attempts,
+            d.seconds,
+            d.run_id or "-",
+            d.version or "-",
+            d.alias or "-",
+        )
+        for d in result.dates
+    ]
+    print(
+        f"\n== deeptrends schedule run {schedule.name}: {len(result.dates)} date(s), "
+        f"{result.seconds:g} s =="
+    )
     print_table(rows, ("logical date", "status", "attempts", "seconds", "run", "version", "alias"))
     if args.output_json:
         write_text_atomic(args.output_json, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -187,36 +271,96 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train, evaluate, export and register one experiment")
-    p.add_argument("config", help="a registered experiment name (see `deeptrends configs`) or a YAML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument(
+        "config", help="a registered experiment name (see `deeptrends configs`) or a YAML path"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.add_argument("--output-json", metavar="FILE", help="also write the run summary as JSON here")
-    p.add_argument("--variant", action="append", default=None, metavar="NAME",
-                   help="run only this variant of a config with `variants:` (repeatable)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this variant of a config with `variants:` (repeatable)",
+    )
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("compare", help="finished runs of MLflow experiments side by side (table, plots, "
-                       "HTML report)")
+    p = sub.add_parser(
+        "compare",
+        help="finished runs of MLflow experiments side by side (table, plots, HTML report)",
+    )
     p.add_argument("experiment", nargs="+", help="MLflow experiments (configs' names)")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="only runs whose param KEY (or tag, as tags.KEY) is VALUE (repeatable)")
-    p.add_argument("--filter", action="append", default=[], metavar="EXPR",
-                   help="an MLflow filter, e.g. \"metrics.eval_accuracy > 0.9\" (repeatable)")
-    p.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
-    p.add_argument("--param", action="append", default=[], metavar="PARAM", help="a run param to show, e.g. model.name")
-    p.add_argument("--x", default=None, metavar="PARAM", help="plot metrics over this param (e.g. data.length)")
-    p.add_argument("--group", default=None, metavar="PARAM", help="one line per value of this param (e.g. model.name)")
-    p.add_argument("--output", default=None, help="folder for runs.csv, the plots and report.html "
-                   "(default compare/EXPERIMENT)")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    p.add_argument("--metric", action="append", default=[], metavar="M",
-                   help="overlay every run's logged curve of this metric in curves.png, e.g. loss (repeatable)")
-    p.add_argument("--no-log", action="store_true", help="do not log the files as artifacts of a 'compare' run")
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only runs whose param KEY (or tag, as tags.KEY) is VALUE (repeatable)",
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help='an MLflow filter, e.g. "metrics.eval_accuracy > 0.9" (repeatable)',
+    )
+    p.add_argument(
+        "--all-params", action="store_true", help="show every param, not only those that differ"
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="PARAM",
+        help="a run param to show, e.g. model.name",
+    )
+    p.add_argument(
+        "--x", default=None, metavar="PARAM", help="plot metrics over this param (e.g. data.length)"
+    )
+    p.add_argument(
+        "--group",
+        default=None,
+        metavar="PARAM",
+        help="one line per value of this param (e.g. model.name)",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="folder for runs.csv, the plots and report.html (default compare/EXPERIMENT)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="M",
+        help="overlay every run's logged curve of this metric in curves.png, e.g. loss (repeatable)",
+    )
+    p.add_argument(
+        "--no-log", action="store_true", help="do not log the files as artifacts of a 'compare' run"
+    )
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("bench", help="images/s and MFU of our resnet50/vgg16 vs keras.applications, same batches")
-    p.add_argument("--model", action="append", default=None, choices=["resnet50", "vgg16"],
-                   help="benchmark only this model (repeatable; default both)")
+    p = sub.add_parser(
+        "bench", help="images/s and MFU of our resnet50/vgg16 vs keras.applications, same batches"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        choices=["resnet50", "vgg16"],
+        help="benchmark only this model (repeatable; default both)",
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
@@ -225,15 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON here")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("launch", help="run CONFIG as a local multi-worker job (N processes, TF_CONFIG on loopback)")
-    p.add_argument("--workers", type=int, required=True, help="number of worker processes (worker 0 is the chief)")
+    p = sub.add_parser(
+        "launch", help="run CONFIG as a local multi-worker job (N processes, TF_CONFIG on loopback)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        required=True,
+        help="number of worker processes (worker 0 is the chief)",
+    )
     p.add_argument("config", help="a registered experiment name or a YAML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
     p.add_argument("--output-json", metavar="FILE", help="the chief writes the run summary here")
     p.set_defaults(fn=cmd_launch)
 
-    p = sub.add_parser("schedule", help="scheduled pipelines: list, next, run (idempotent per date), "
-                       "crontab, k8s")
+    p = sub.add_parser(
+        "schedule", help="scheduled pipelines: list, next, run (idempotent per date), crontab, k8s"
+    )
     ss = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = ss.add_parser("list", help="the shipped schedules and their next fire times")
     q.add_argument("--now", default=None, help=argparse.SUPPRESS)
@@ -241,34 +395,58 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("name", help="a shipped schedule (pipelines/configs/schedules/) or a YAML path")
     q.add_argument("--count", type=int, default=5)
     q.add_argument("--now", default=None, metavar="ISO", help="from this time instead of now")
-    q = ss.add_parser("run", help="train the due logical date(s) not done yet; exit code says what happened")
+    q = ss.add_parser(
+        "run", help="train the due logical date(s) not done yet; exit code says what happened"
+    )
     q.add_argument("name", help="a shipped schedule or a YAML path")
-    q.add_argument("--logical-date", default=None, metavar="ISO",
-                   help="train this date (Airflow: '{{ logical_date }}'); default: the latest fire time")
-    q.add_argument("--catch-up", action="store_true", help="also the missed fire times (max_catchup)")
+    q.add_argument(
+        "--logical-date",
+        default=None,
+        metavar="ISO",
+        help="train this date (Airflow: '{{ logical_date }}'); default: the latest fire time",
+    )
+    q.add_argument(
+        "--catch-up", action="store_true", help="also the missed fire times (max_catchup)"
+    )
     q.add_argument("--dry-run", action="store_true", help="show what would train; train nothing")
-    q.add_argument("--retries", type=int, default=None, help="override the schedule's retries "
-                   "(0 where a scheduler such as Airflow retries)")
-    q.add_argument("--now", default=None, metavar="ISO", help="take this time as now (backfills, tests)")
+    q.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="override the schedule's retries (0 where a scheduler such as Airflow retries)",
+    )
+    q.add_argument(
+        "--now", default=None, metavar="ISO", help="take this time as now (backfills, tests)"
+    )
     q.add_argument("--output-json", metavar="FILE", help="also write the pass as JSON here")
     q = ss.add_parser("crontab", help="print crontab lines for plain cron")
     q.add_argument("names", nargs="*", help="schedules (default: every shipped one)")
     q.add_argument("--repo", default=None, help="the checkout cron cds into (default: here)")
-    q.add_argument("--deeptrends", default=None, help="the deeptrends executable (default: this one)")
+    q.add_argument(
+        "--deeptrends", default=None, help="the deeptrends executable (default: this one)"
+    )
     q = ss.add_parser("k8s", help="print a Kubernetes CronJob for a schedule")
     q.add_argument("name", help="a shipped schedule or a YAML path")
     q.add_argument("--image", default="deeptrends:latest")
     q.add_argument("--namespace", default="deeptrends")
     p.set_defaults(fn=cmd_schedule)
 
-    sub.add_parser("configs", help="list the shipped experiment configs").set_defaults(fn=cmd_configs)
+    sub.add_parser("configs", help="list the shipped experiment configs").set_defaults(
+        fn=cmd_configs
+    )
     sub.add_parser("models", help="list the registered models").set_defaults(fn=cmd_models)
     sub.add_parser("datasets", help="list the registered datasets").set_defaults(fn=cmd_datasets)
 
-    p = sub.add_parser("export", help="re-export a registered model version as a SavedModel for TF Serving")
+    p = sub.add_parser(
+        "export", help="re-export a registered model version as a SavedModel for TF Serving"
+    )
     p.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     p.add_argument("--serving-dir", required=True, help="writes <serving-dir>/<NAME>/<VERSION>/")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
+    )
     p.set_defaults(fn=cmd_export)
     return parser
 

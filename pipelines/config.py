@@ -51,8 +51,12 @@ class ModelConfig(BaseModel):
 class AugmentConfig(_Section):
     """Training-time augmentation, applied per batch."""
 
-    pad_crop: int = Field(0, ge=0, le=4096, description="pixels of padding before a random crop back to size")
-    flip: bool | None = Field(None, description="random horizontal flip; None: the model family's PREPROCESSING")
+    pad_crop: int = Field(
+        0, ge=0, le=4096, description="pixels of padding before a random crop back to size"
+    )
+    flip: bool | None = Field(
+        None, description="random horizontal flip; None: the model family's PREPROCESSING"
+    )
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="max rotation in degrees")
     zoom: float = Field(0.0, ge=0.0, lt=1.0, description="max relative zoom in/out")
     pca_jitter: float | None = Field(
@@ -66,8 +70,12 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "digits"
-    dir: str | None = Field(None, description="TFDS data_dir; default $DEEPTRENDS_DATA_DIR-aware cache")
-    image_size: int | None = Field(None, gt=0, le=8192, description="resize images to this square size")
+    dir: str | None = Field(
+        None, description="TFDS data_dir; default $DEEPTRENDS_DATA_DIR-aware cache"
+    )
+    image_size: int | None = Field(
+        None, gt=0, le=8192, description="resize images to this square size"
+    )
     channels: Literal[1, 3] | None = None
     cache: bool = True
     shuffle_buffer: Count = 10_000
@@ -79,10 +87,14 @@ class DataConfig(BaseModel):
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     preprocessing: Literal["model", "none"] = Field(
-        "model", description="model: unset crop_fraction/flip/pca_jitter come from the family's PREPROCESSING"
+        "model",
+        description="model: unset crop_fraction/flip/pca_jitter come from the family's PREPROCESSING",
     )
     crop_fraction: float | None = Field(
-        None, gt=0.0, le=1.0, description="resize to image_size/crop_fraction, crop (eval: centre, train: random)"
+        None,
+        gt=0.0,
+        le=1.0,
+        description="resize to image_size/crop_fraction, crop (eval: centre, train: random)",
     )
 
     def options(self) -> dict[str, Any]:
@@ -100,7 +112,9 @@ class OptimizerConfig(_Section):
 class ScheduleConfig(_Section):
     name: Literal["constant", "cosine", "step", "exponential"] = "constant"
     warmup_epochs: float = Field(0.0, ge=0.0)
-    decay_epochs: float | None = Field(None, gt=0.0, description="step/exponential: epochs per decay")
+    decay_epochs: float | None = Field(
+        None, gt=0.0, description="step/exponential: epochs per decay"
+    )
     decay_rate: float = Field(0.1, gt=0.0, le=1.0)
     alpha: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr as a fraction")
 
@@ -116,7 +130,9 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     clipnorm: float | None = Field(None, gt=0.0)
     global_clipnorm: float | None = Field(None, gt=0.0)
-    bptt_steps: Count | None = Field(None, description="language models: truncated BPTT over stateful chunks of this many steps")
+    bptt_steps: Count | None = Field(
+        None, description="language models: truncated BPTT over stateful chunks of this many steps"
+    )
     validation_freq: Count = 1
     checkpoint_every_steps: Count | None = Field(None, description="also checkpoint every N steps")
     scale_learning_rate: bool = Field(False, description="linear scaling: lr x replicas")
@@ -144,9 +160,13 @@ class ClusterConfig(_Section):
 
 class RuntimeConfig(_Section):
     seed: NonNegative = Field(42, description="0 .. 2**31-1")
-    strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"] = "default"
+    strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"] = (
+        "default"
+    )
     devices: list[str] | None = Field(None, description="device list for one_device/mirrored")
-    virtual_cpus: int | None = Field(None, ge=1, le=256, description="split the CPU into N logical devices")
+    virtual_cpus: int | None = Field(
+        None, ge=1, le=256, description="split the CPU into N logical devices"
+    )
     cluster: ClusterConfig | None = None
     collective: Literal["auto", "ring", "nccl"] = "auto"
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
@@ -164,7 +184,9 @@ class GateConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    uri: str | None = Field(
+        None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
     experiment: Name | None = Field(None, description="default: the config name")
     run_name: str | None = Field(None, max_length=250)
     registered_model: Name | None = Field(None, description="default: the config name")
@@ -179,7 +201,9 @@ class ExportConfig(_Section):
     warmup_requests: int = Field(4, ge=0, le=1000)
     atol: float = Field(1e-5, gt=0.0, description="max |saved - keras| on the check batch")
     max_image_pixels: int = Field(
-        50_000_000, gt=0, le=INT32_MAX,
+        50_000_000,
+        gt=0,
+        le=INT32_MAX,
         description="image_bytes signatures refuse images whose header promises more pixels",
     )
 
@@ -292,7 +316,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
-        raise ConfigError(f"Config {str(path)!r} is a directory; expected a YAML file or a config name.")
+        raise ConfigError(
+            f"Config {str(path)!r} is a directory; expected a YAML file or a config name."
+        )
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist.")
@@ -312,13 +338,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: a config must be a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -335,4 +365,6 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Experi
     raw = read_yaml(path)
     raw.pop("variants", None)  # the base of a several-run experiment (pipelines/variants.py)
     raw = apply_overrides(raw, list(overrides or []))
-    return validate_config(raw, source=str(path) if path.parent.parent != CONFIG_DIR else repr(path.stem))
+    return validate_config(
+        raw, source=str(path) if path.parent.parent != CONFIG_DIR else repr(path.stem)
+    )

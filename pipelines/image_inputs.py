@@ -57,7 +57,9 @@ def resolve_preprocessing(config: ExperimentConfig) -> dict[str, Any]:
     declared = models.model_info(config.model.name).preprocessing or {}
     family = dict(declared) if config.data.preprocessing == "model" else {}
     data, aug = config.data, config.data.augment
-    crop = data.crop_fraction if data.crop_fraction is not None else family.get("crop_fraction", 1.0)
+    crop = (
+        data.crop_fraction if data.crop_fraction is not None else family.get("crop_fraction", 1.0)
+    )
     flip = aug.flip if aug.flip is not None else family.get("flip", False)
     jitter = aug.pca_jitter if aug.pca_jitter is not None else family.get("pca_jitter", 0.0)
     return {"crop_fraction": float(crop), "flip": bool(flip), "pca_jitter": float(jitter)}
@@ -75,7 +77,11 @@ def image_input_spec(
 
     data = config.data
     pre = preprocessing if preprocessing is not None else {}
-    augment = {**data.augment.model_dump(), "flip": pre.get("flip"), "pca_jitter": pre.get("pca_jitter")}
+    augment = {
+        **data.augment.model_dump(),
+        "flip": pre.get("flip"),
+        "pca_jitter": pre.get("pca_jitter"),
+    }
     augment = {k: v for k, v in augment.items() if v is not None}
     return ImageInputSpec(
         name=data.name,

@@ -59,7 +59,9 @@ def format_table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> list[s
     """Rows as left-aligned text columns under ``header`` (two spaces apart)."""
     cells = [[str(c) for c in header], *[["" if c is None else str(c) for c in r] for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
 
 
 def print_table(

@@ -62,7 +62,10 @@ def launch(
     logs: list[Path] = []
     pump = None
     for i in range(workers):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+        }
         cmd = [sys.executable, "-m", "pipelines.cli", "train", config]
         for item in overrides:
             cmd += ["--set", item]
@@ -71,16 +74,23 @@ def launch(
         log_path = log_dir / f"worker-{i}.log"
         logs.append(log_path)
         if i == 0:
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
             pump = threading.Thread(target=_stream, args=(proc, log_path), daemon=True)
             pump.start()
         else:
             with open(log_path, "w") as fh:
                 proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         procs.append(proc)
-    print(f"deeptrends launch: {workers} workers on {', '.join(cluster['worker'])}; logs in {log_dir}",
-          file=sys.stderr, flush=True)
-    (log_dir / "pids.json").write_text(json.dumps({f"worker-{i}": p.pid for i, p in enumerate(procs)}))
+    print(
+        f"deeptrends launch: {workers} workers on {', '.join(cluster['worker'])}; logs in {log_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    (log_dir / "pids.json").write_text(
+        json.dumps({f"worker-{i}": p.pid for i, p in enumerate(procs)})
+    )
 
     def forward(signum, frame):
         for p in procs:
@@ -97,7 +107,8 @@ def launch(
                     print(
                         f"deeptrends launch: worker {i} died with exit code {rc}; stopped the job.\n"
                         f"--- last lines of {logs[i]} ---\n{_tail(logs[i])}",
-                        file=sys.stderr, flush=True,
+                        file=sys.stderr,
+                        flush=True,
                     )
                     return rc if rc > 0 else 128 - rc
             if all(rc == 0 for rc in codes):

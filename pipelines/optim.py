@@ -61,25 +61,37 @@ def learning_rate(train: TrainConfig, steps_per_epoch: int, scale: float = 1.0):
             warmup_target=lr if warmup else None,
             warmup_steps=warmup,
         )
-    decay_steps = max(1, int(round((sched.decay_epochs or max(1, train.epochs // 3)) * steps_per_epoch)))
+    decay_steps = max(
+        1, int(round((sched.decay_epochs or max(1, train.epochs // 3)) * steps_per_epoch))
+    )
     after = keras.optimizers.schedules.ExponentialDecay(
         lr, decay_steps=decay_steps, decay_rate=sched.decay_rate, staircase=sched.name == "step"
     )
     return WarmupSchedule(lr, warmup, after) if warmup else after
 
 
-def build_optimizer(train: TrainConfig, steps_per_epoch: int, scale: float = 1.0) -> keras.optimizers.Optimizer:
+def build_optimizer(
+    train: TrainConfig, steps_per_epoch: int, scale: float = 1.0
+) -> keras.optimizers.Optimizer:
     """A Keras optimizer with the schedule, weight decay and gradient clipping of ``train``."""
     lr = learning_rate(train, steps_per_epoch, scale)
     opt = train.optimizer
-    common = {"learning_rate": lr, "clipnorm": train.clipnorm, "global_clipnorm": train.global_clipnorm}
+    common = {
+        "learning_rate": lr,
+        "clipnorm": train.clipnorm,
+        "global_clipnorm": train.global_clipnorm,
+    }
     if train.weight_decay:
         common["weight_decay"] = train.weight_decay
     if opt.name == "sgd":
         return keras.optimizers.SGD(momentum=opt.momentum, nesterov=opt.nesterov, **common)
     if opt.name == "rmsprop":
         return keras.optimizers.RMSprop(momentum=0.0, **common)
-    cls = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "nadam": keras.optimizers.Nadam}[opt.name]
+    cls = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "nadam": keras.optimizers.Nadam,
+    }[opt.name]
     return cls(beta_1=opt.beta_1, beta_2=opt.beta_2, **common)
 
 

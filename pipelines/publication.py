@@ -82,7 +82,9 @@ class Publication:
                 if not v["aliases"] and v["run_status"] != "FINISHED":
                     tracker.delete_version(v["version"])
                     shutil.rmtree(root / v["version"], ignore_errors=True)
-                    cleaned.append(f"version {v['version']} (run {v['run_status'] or 'missing'}, no alias)")
+                    cleaned.append(
+                        f"version {v['version']} (run {v['run_status'] or 'missing'}, no alias)"
+                    )
             known = {v["version"] for v in versions}
             for folder in sorted(root.glob("[0-9]*")) if root.exists() else []:
                 if folder.name.isdigit() and folder.name not in known:

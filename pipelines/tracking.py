@@ -56,7 +56,9 @@ def git_commit() -> str | None:
             return None
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -67,7 +69,15 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("tensorflow", "keras", "keras-hub", "mlflow", "tensorflow-datasets", "numpy", "deeptrends"):
+    for pkg in (
+        "tensorflow",
+        "keras",
+        "keras-hub",
+        "mlflow",
+        "tensorflow-datasets",
+        "numpy",
+        "deeptrends",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -128,7 +138,9 @@ class GateDecision:
         }
 
 
-def _champion_value(client: MlflowClient, name: str, metric: str) -> tuple[str | None, float | None]:
+def _champion_value(
+    client: MlflowClient, name: str, metric: str
+) -> tuple[str | None, float | None]:
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
@@ -141,7 +153,9 @@ def _champion_value(client: MlflowClient, name: str, metric: str) -> tuple[str |
     return champ.version, value
 
 
-def gate(client: MlflowClient, name: str, version: str, value: float, cfg: GateConfig) -> GateDecision:
+def gate(
+    client: MlflowClient, name: str, version: str, value: float, cfg: GateConfig
+) -> GateDecision:
     """Give ``version`` the ``champion`` alias if it beats the current champion by
     ``min_delta`` on ``cfg.metric`` (in ``cfg.mode``), else ``challenger``; record why."""
     champ_version, champ_value = _champion_value(client, name, cfg.metric)
@@ -151,7 +165,9 @@ def gate(client: MlflowClient, name: str, version: str, value: float, cfg: GateC
         wins = value > champ_value + cfg.min_delta
     else:
         wins = value < champ_value - cfg.min_delta
-    decision = GateDecision(CHAMPION if wins else CHALLENGER, cfg.metric, value, champ_version, champ_value)
+    decision = GateDecision(
+        CHAMPION if wins else CHALLENGER, cfg.metric, value, champ_version, champ_value
+    )
     client.set_registered_model_alias(name, decision.alias, version)
     for key, val in decision.tags().items():
         client.set_model_version_tag(name, version, key, val)
@@ -237,7 +253,9 @@ class RunTracker:
                 continue  # resumed now, or run from elsewhere: not ours to judge
             with file_lock(lock, blocking=False) as free:
                 if free:
-                    self._client.set_tag(run_id, "deeptrends.reconciled", "abandoned: its process died")
+                    self._client.set_tag(
+                        run_id, "deeptrends.reconciled", "abandoned: its process died"
+                    )
                     self._client.set_terminated(run_id, "KILLED")
                     ended.append(run_id)
                     lock.unlink(missing_ok=True)
@@ -332,8 +350,14 @@ class RunTracker:
                 status = self._client.get_run(mv.run_id).info.status if mv.run_id else None
             except mlflow.exceptions.MlflowException:
                 status = None
-            out.append({"version": str(mv.version), "aliases": list(mv.aliases), "run_status": status,
-                        "run_id": mv.run_id})
+            out.append(
+                {
+                    "version": str(mv.version),
+                    "aliases": list(mv.aliases),
+                    "run_status": status,
+                    "run_id": mv.run_id,
+                }
+            )
         return out
 
     # -- best-of metrics and the dataset input (issue 16) -----------------------------------
@@ -349,15 +373,18 @@ class RunTracker:
         content fingerprint (MLflow's numpy digest hashes only the first 10,000 elements)."""
         if not self.enabled or not fingerprint:
             return
-        mlflow.log_input(dataset_input(name, fingerprint, source), context="training",
-                         tags={k: str(v) for k, v in tags.items()} or None)
+        mlflow.log_input(
+            dataset_input(name, fingerprint, source),
+            context="training",
+            tags={k: str(v) for k, v in tags.items()} or None,
+        )
 
 
 def store_lock(uri: str):
     """A file lock beside a local SQLite store (first use creates its schema, which two
     processes must not do at once); nothing for a server URI."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return file_lock(db.with_name(db.name + ".lock"))
     return contextlib.nullcontext()
 

@@ -90,8 +90,15 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
     slot = ResumeSlot(config, runtime.worker_name(), chief)
     start = (TrainingCheckpoint.peek(slot.checkpoint_dir) if slot.resuming else None) or Position()
     tracker = RunTracker(config, enabled=chief, run_id=slot.run_id)
-    context = RunContext(effective, replicas, start.epoch, start.step, chief=chief,
-                         strategy=strategy, log_metrics=tracker.sink)
+    context = RunContext(
+        effective,
+        replicas,
+        start.epoch,
+        start.step,
+        chief=chief,
+        strategy=strategy,
+        log_metrics=tracker.sink,
+    )
     task = get_task(config.task)(context)
 
     # -- data and model: before the MLflow run starts, so bad input leaves nothing behind --
@@ -100,18 +107,29 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
     with tracker, slot.session(tracker):
         run_dir = Path(config.runtime.work_dir) / config.name / (tracker.run_id or _timestamp())
         resumed_at = resume_point(start, config.train.epochs) if slot.resuming else None
-        tracker.log_start(run_params(config, effective, inputs, strategy), run_tags(config, inputs),
-                          resumed_at)
+        tracker.log_start(
+            run_params(config, effective, inputs, strategy), run_tags(config, inputs), resumed_at
+        )
         tracker.log_dataset(config.data.name, inputs.fingerprint, inputs.info.source)
 
         # -- fit -------------------------------------------------------------------------
-        model, history = fit_model(task, inputs, context, run_dir, model=model, slot=slot,
-                                   tracker=tracker)
+        model, history = fit_model(
+            task, inputs, context, run_dir, model=model, slot=slot, tracker=tracker
+        )
         tracker.log_best(history)
         train_seconds = time.time() - started
         if not chief:  # evaluation, export and registration are the chief's
-            return RunSummary(tracker.run_id, config.experiment_name, {}, None, None, [], None,
-                              str(run_dir), seconds=round(time.time() - started, 2))
+            return RunSummary(
+                tracker.run_id,
+                config.experiment_name,
+                {},
+                None,
+                None,
+                [],
+                None,
+                str(run_dir),
+                seconds=round(time.time() - started, 2),
+            )
         if is_multi_worker(strategy):
             # The other workers leave now: the chief must not issue collectives, so it
             # evaluates and exports a copy of the trained weights outside the strategy.
@@ -119,8 +137,9 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
 
         # -- evaluate ----------------------------------------------------------------------
         evaluation = task.evaluate(model, inputs)
-        artifacts = write_artifacts(run_dir / "artifacts", effective, inputs, model, history,
-                                    evaluation)
+        artifacts = write_artifacts(
+            run_dir / "artifacts", effective, inputs, model, history, evaluation
+        )
         tracker.log_metrics({f"eval_{k}": v for k, v in evaluation.metrics.items()})
         tracker.log_metrics({"train_seconds": train_seconds, **evaluation.run_metrics})
         tracker.set_tags(evaluation.tags)
@@ -186,8 +205,17 @@ def _raised_in_models(exc: BaseException) -> bool:
     return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(root)
 
 
-def fit_model(task, inputs, context, run_dir: Path | None = None, *, model=None, slot=None,
-              tracker=None, extra_callbacks=()):
+def fit_model(
+    task,
+    inputs,
+    context,
+    run_dir: Path | None = None,
+    *,
+    model=None,
+    slot=None,
+    tracker=None,
+    extra_callbacks=(),
+):
     """Train the task's model (built here unless given) with the shared loop under the
     config's budget, after restoring the slot's checkpoint; returns the model and the
     whole per-epoch history (earlier epochs of a resumed run included). Raises
@@ -212,7 +240,9 @@ def fit_model(task, inputs, context, run_dir: Path | None = None, *, model=None,
             checkpoint.attach(model)
             restored = checkpoint.restore() if slot.resuming else loop.Position()
             if restored != start:
-                raise RuntimeError(f"checkpoint position {restored} differs from the peeked {start}")
+                raise RuntimeError(
+                    f"checkpoint position {restored} differs from the peeked {start}"
+                )
     history = slot.history(start.epoch) if slot is not None else {}
     callbacks = [
         *(tracker.callbacks() if tracker is not None else []),

@@ -54,7 +54,9 @@ def _parse_variants(raw: Any, source: str) -> list[tuple[str, list[str]]]:
         if isinstance(sets, str):
             sets = [sets]
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
-            raise ConfigError(f"{where}.set: expected a list of KEY=VALUE strings. Got {short_repr(sets)}")
+            raise ConfigError(
+                f"{where}.set: expected a list of KEY=VALUE strings. Got {short_repr(sets)}"
+            )
         if name in {n for n, _ in out}:
             raise ConfigError(f"{where}.name: {name!r} is used twice")
         out.append((name, sets))
@@ -90,12 +92,16 @@ def load_runs(
         tracking = run.get("tracking")
         tracking = {} if tracking is None else tracking
         if not isinstance(tracking, dict):
-            raise ConfigError(f"Invalid config {where}: tracking: expected a mapping (got {short_repr(tracking)})")
+            raise ConfigError(
+                f"Invalid config {where}: tracking: expected a mapping (got {short_repr(tracking)})"
+            )
         tags = tracking.get("tags")
         tags = {} if tags is None else tags
         if not isinstance(tags, dict):
-            raise ConfigError(f"Invalid config {where}: tracking.tags: expected a mapping of strings "
-                              f"(got {short_repr(tags)})")
+            raise ConfigError(
+                f"Invalid config {where}: tracking.tags: expected a mapping of strings "
+                f"(got {short_repr(tags)})"
+            )
         run["tracking"] = tracking
         tracking.setdefault("run_name", name)
         tracking.setdefault("registered_model", f"{run.get('name', 'experiment')}-{name}")

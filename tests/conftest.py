@@ -32,6 +32,8 @@ def tfds_dir(tmp_path_factory) -> str:
 def mnist_dir() -> Path:
     root = shared_data_dir()
     if root is None or not (root / "mnist_test").is_dir():
-        pytest.skip("MNIST idx files not found: set DEEPTRENDS_DATA_DIR to the folder holding mnist_test/")
+        pytest.skip(
+            "MNIST idx files not found: set DEEPTRENDS_DATA_DIR to the folder holding mnist_test/"
+        )
     os.environ["DEEPTRENDS_DATA_DIR"] = str(root)
     return root / "mnist_test"

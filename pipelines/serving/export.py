@@ -59,7 +59,7 @@ def _write_warmup(path: Path, model_name: str, endpoints: list[Endpoint], count:
                 request = predict_pb2.PredictRequest(
                     model_spec=model_pb2.ModelSpec(name=model_name, signature_name=ep.name)
                 )
-                for spec, value in zip(ep.input_signature, ep.check_inputs):
+                for spec, value in zip(ep.input_signature, ep.check_inputs, strict=False):
                     request.inputs[spec.name].CopyFrom(tf.make_tensor_proto(value[:1]))
                 log = prediction_log_pb2.PredictionLog(
                     predict_log=prediction_log_pb2.PredictLog(request=request)
@@ -73,17 +73,27 @@ def _compare(name: str, expected: dict, got: dict, atol: float) -> float:
         want = np.asarray(want)
         have = np.asarray(got[key])
         if want.shape != have.shape:
-            raise ExportMismatch(f"{name}/{key}: shape {have.shape} after reload, {want.shape} in process")
+            raise ExportMismatch(
+                f"{name}/{key}: shape {have.shape} after reload, {want.shape} in process"
+            )
         if want.dtype.kind in "fc":
-            diff = float(np.max(np.abs(want.astype(np.float64) - have.astype(np.float64)), initial=0.0))
+            diff = float(
+                np.max(np.abs(want.astype(np.float64) - have.astype(np.float64)), initial=0.0)
+            )
             worst = max(worst, diff)
             if diff > atol:
                 raise ExportMismatch(f"{name}/{key}: max |saved - keras| = {diff:.3g} > {atol:g}")
-        elif want.dtype.kind in "iub" and not np.array_equal(want, have) and atol <= MIXED_PRECISION_ATOL / 10:
+        elif (
+            want.dtype.kind in "iub"
+            and not np.array_equal(want, have)
+            and atol <= MIXED_PRECISION_ATOL / 10
+        ):
             # At float32 tolerance class indices must agree exactly; under mixed precision
             # (relaxed atol) an argmax between near-tied probabilities may flip.
             raise ExportMismatch(f"{name}/{key}: integer outputs differ after reload")
-        elif want.dtype.kind in "OSU" and not np.array_equal(want.astype(object), have.astype(object)):
+        elif want.dtype.kind in "OSU" and not np.array_equal(
+            want.astype(object), have.astype(object)
+        ):
             raise ExportMismatch(f"{name}/{key}: string outputs differ after reload")
     return worst
 
@@ -120,7 +130,7 @@ def write_saved_model(
                 continue
             args = [tf.constant(v) for v in ep.check_inputs]
             expected = ep.fn(*args)
-            kwargs = {spec.name: a for spec, a in zip(ep.input_signature, args)}
+            kwargs = {spec.name: a for spec, a in zip(ep.input_signature, args, strict=False)}
             got = reloaded.signatures[ep.name](**kwargs)
             worst = max(worst, _compare(ep.name, expected, got, atol))
         return ExportResult(tmp, worst, sorted(reloaded.signatures.keys()))
@@ -186,7 +196,9 @@ def _read_state(serving_dir: Path, labels_of) -> dict:
     try:
         state = json.loads(path.read_text())
         if isinstance(state, dict) and all(
-            isinstance(e, dict) and isinstance(e.get("versions"), list) and isinstance(e.get("labels"), dict)
+            isinstance(e, dict)
+            and isinstance(e.get("versions"), list)
+            and isinstance(e.get("labels"), dict)
             for e in state.values()
         ):
             return state
@@ -194,7 +206,9 @@ def _read_state(serving_dir: Path, labels_of) -> dict:
         pass
     log.warning("%s is unreadable: rebuilding it from the serving folders and the registry", path)
     state = {}
-    for folder in sorted(p for p in serving_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(
+        p for p in serving_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
         versions = [int(v.name) for v in folder.iterdir() if v.is_dir() and v.name.isdigit()]
         if not versions:
             continue

@@ -18,7 +18,9 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w
 def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | None = None) -> Path:
     m = _URI.match(model_uri)
     if not m:
-        raise ConfigError(f"MODEL_URI {model_uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        raise ConfigError(
+            f"MODEL_URI {model_uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS"
+        )
     import mlflow
     import yaml
     from mlflow import MlflowClient
@@ -33,7 +35,11 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
     client = MlflowClient()
     name = m["name"]
     try:
-        mv = client.get_model_version_by_alias(name, m["alias"]) if m["alias"] else client.get_model_version(name, m["version"])
+        mv = (
+            client.get_model_version_by_alias(name, m["alias"])
+            if m["alias"]
+            else client.get_model_version(name, m["version"])
+        )
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"MODEL_URI {model_uri!r}: {exc.message}") from None
     local = Path(client.download_artifacts(mv.run_id, "config.yaml"))
@@ -45,7 +51,11 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
     serving = task.serving(model, task.Info.from_dict(info))
     target = serving_dir / name / str(mv.version)
     staged = export.write_saved_model(
-        serving.model, serving.endpoints, target, model_name=name,
-        warmup_requests=config.export.warmup_requests, atol=config.export.atol,
+        serving.model,
+        serving.endpoints,
+        target,
+        model_name=name,
+        warmup_requests=config.export.warmup_requests,
+        atol=config.export.atol,
     )
     return export.publish(staged, target)

@@ -18,7 +18,6 @@ from data.images import preprocess_images
 from pipelines.evaluation.classification import main_output
 from pipelines.tasks.base import Endpoint
 
-
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
@@ -55,7 +54,8 @@ def image_header_size(data):
         bits = _le(data, 21, 4)  # VP8L: 14 bits width - 1, then 14 bits height - 1
         mask = tf.constant(0x3FFF, tf.int64)
         lossless = (
-            1 + tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, tf.constant(14, tf.int64)), mask),
+            1
+            + tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, tf.constant(14, tf.int64)), mask),
             1 + tf.bitwise.bitwise_and(bits, mask),
         )
         return tf.case(
@@ -72,14 +72,18 @@ def image_header_size(data):
     def unknown():  # a negative height: the caller's check names the accepted formats
         return tf.constant(-1, tf.int64), tf.constant(1, tf.int64)
 
-    is_webp = tf.logical_and(tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+    is_webp = tf.logical_and(
+        tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(data, 8, 4), b"WEBP")
+    )
     return tf.case(
         [
             (tf.equal(tf.strings.substr(data, 0, 2), b"\xff\xd8"), jpeg),
             (tf.equal(head, b"\x89PNG"), lambda: (_be(data, 20, 4), _be(data, 16, 4))),
             (tf.equal(head, b"GIF8"), lambda: (_le(data, 8, 2), _le(data, 6, 2))),
-            (tf.equal(tf.strings.substr(data, 0, 2), b"BM"),
-             lambda: (tf.abs(_signed32(_le(data, 22, 4))), _le(data, 18, 4))),
+            (
+                tf.equal(tf.strings.substr(data, 0, 2), b"BM"),
+                lambda: (tf.abs(_signed32(_le(data, 22, 4))), _le(data, 18, 4)),
+            ),
             (is_webp, webp),
         ],
         default=unknown,
@@ -122,7 +126,9 @@ def decode_image_bytes(
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
         if raw_channels == 1:
-            image = tf.cast(tf.round(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))), tf.uint8)
+            image = tf.cast(
+                tf.round(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))), tf.uint8
+            )
         if raw_size is not None:
             image = square_resize(image, raw_size)
         return preprocess_images(image[None], height, channels, crop_fraction)[0]
@@ -230,9 +236,12 @@ def decode_any_image(data, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     refused (``InvalidArgumentError``) when its header is no image's or promises more
     than ``max_pixels`` pixels."""
     h, w = image_header_size(data)
-    tf.debugging.assert_non_negative(h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image")
+    tf.debugging.assert_non_negative(
+        h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image"
+    )
     tf.debugging.assert_less_equal(
-        h * w, tf.constant(max_pixels, tf.int64),
+        h * w,
+        tf.constant(max_pixels, tf.int64),
         message=f"image_bytes: the image is larger than export.max_image_pixels={max_pixels}",
         summarize=2,
     )
@@ -266,8 +275,13 @@ def checked_any_images(images, name: str = "images"):
     return images
 
 
-def image_detector_endpoints(detect_one, class_names, check_images, max_detections: int,
-                             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Endpoint]:
+def image_detector_endpoints(
+    detect_one,
+    class_names,
+    check_images,
+    max_detections: int,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[Endpoint]:
     """``serving_default`` (``image_bytes``: encoded images of any size) and ``images``
     (float [N, H, W, 3] in [0, 1]) of a detector; ``detect_one(image [H, W, 3] in [0, 1])``
     returns one image's outputs (``detection_output_signature``). ``check_images``: a few
@@ -289,15 +303,24 @@ def image_detector_endpoints(detect_one, class_names, check_images, max_detectio
     encoded = np.array([tf.io.encode_png(img).numpy() for img in check_images], dtype=object)
     floats = np.stack([img.astype(np.float32) / 255.0 for img in check_images[:1]])
     return [
-        Endpoint("serving_default", serve_bytes,
-                 [tf.TensorSpec([None], tf.string, name="image_bytes")], [encoded]),
-        Endpoint("images", serve_images,
-                 [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")], [floats]),
+        Endpoint(
+            "serving_default",
+            serve_bytes,
+            [tf.TensorSpec([None], tf.string, name="image_bytes")],
+            [encoded],
+        ),
+        Endpoint(
+            "images",
+            serve_images,
+            [tf.TensorSpec([None, None, None, 3], tf.float32, name="images")],
+            [floats],
+        ),
     ]
 
 
-def proposal_detector_endpoints(detect_one, class_names, check_images, check_proposals,
-                                max_detections: int) -> list[Endpoint]:
+def proposal_detector_endpoints(
+    detect_one, class_names, check_images, check_proposals, max_detections: int
+) -> list[Endpoint]:
     """``serving_default`` of a detector that takes its region proposals from the client
     (R-CNN: selective search cannot run inside a SavedModel): ``images`` float [N, H, W, 3]
     in [0, 1] and ``proposals`` float [N, P, 4] normalised (ymin, xmin, ymax, xmax; rows of
@@ -309,16 +332,25 @@ def proposal_detector_endpoints(detect_one, class_names, check_images, check_pro
         tf.debugging.assert_rank(proposals, 3, message="proposals: expected shape [None, None, 4]")
         proposals = tf.ensure_shape(proposals, [None, None, 4], name="proposals_shape")
         tf.debugging.assert_all_finite(proposals, message="proposals: NaN or inf values")
-        tf.debugging.assert_equal(tf.shape(images)[0], tf.shape(proposals)[0],
-                                  message="proposals: one row of proposals per image")
-        outputs = tf.map_fn(lambda args: detect_one(*args), (images, proposals),
-                            fn_output_signature=signature)
+        tf.debugging.assert_equal(
+            tf.shape(images)[0],
+            tf.shape(proposals)[0],
+            message="proposals: one row of proposals per image",
+        )
+        outputs = tf.map_fn(
+            lambda args: detect_one(*args), (images, proposals), fn_output_signature=signature
+        )
         return with_class_names(outputs, class_names)
 
     images = np.stack([img.astype(np.float32) / 255.0 for img in check_images])
     return [
-        Endpoint("serving_default", serve,
-                 [tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
-                  tf.TensorSpec([None, None, 4], tf.float32, name="proposals")],
-                 [images, np.asarray(check_proposals, np.float32)]),
+        Endpoint(
+            "serving_default",
+            serve,
+            [
+                tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
+                tf.TensorSpec([None, None, 4], tf.float32, name="proposals"),
+            ],
+            [images, np.asarray(check_proposals, np.float32)],
+        ),
     ]

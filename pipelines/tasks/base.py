@@ -28,9 +28,10 @@ import dataclasses
 import difflib
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -79,7 +80,9 @@ def get_task(name: str) -> type[Task]:
     if name not in _TASKS:
         close = difflib.get_close_matches(name, sorted(_TASKS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"task: unknown task {name!r}.{hint} Registered tasks: {', '.join(sorted(_TASKS))}.")
+        raise KeyError(
+            f"task: unknown task {name!r}.{hint} Registered tasks: {', '.join(sorted(_TASKS))}."
+        )
     return _TASKS[name]
 
 
@@ -217,7 +220,9 @@ class Task(abc.ABC):
 
     @classmethod
     def check(cls, config: ExperimentConfig, options) -> None:
-        """Cross-field rules of this task (raise ``ConfigError`` naming the field)."""
+        """Cross-field rules of this task (raise ``ConfigError`` naming the field); none by
+        default."""
+        return None
 
     @classmethod
     @abc.abstractmethod

@@ -37,11 +37,15 @@ class ClassificationOptions(BaseModel):
         None, ge=1, description="log grad_norm/<layer> on a fixed training batch every N steps"
     )
     target_accuracy: float | None = Field(
-        None, gt=0.0, le=1.0,
+        None,
+        gt=0.0,
+        le=1.0,
         description="log epochs_to_target: the first epoch whose val_accuracy reaches it",
     )
     evaluate_train: bool = Field(False, description="also evaluate the un-augmented training split")
-    max_train_minutes: float | None = Field(None, gt=0.0, description="stop training after this wall time")
+    max_train_minutes: float | None = Field(
+        None, gt=0.0, description="stop training after this wall time"
+    )
 
 
 @register_task("classification")
@@ -96,8 +100,12 @@ class ClassificationTask(Task):
         if opts.gradient_norm_every and self.context.chief:  # a measurement: the chief's
             batch = first_batch(inputs.train)
             out.append(
-                GradientNorms(batch, opts.gradient_norm_every, sink=sink,
-                              plot_path=run_dir / "artifacts" / "gradient_norms.png")
+                GradientNorms(
+                    batch,
+                    opts.gradient_norm_every,
+                    sink=sink,
+                    plot_path=run_dir / "artifacts" / "gradient_norms.png",
+                )
             )
         if opts.target_accuracy:
             out.append(EpochsToTarget(opts.target_accuracy, sink=sink))

@@ -23,11 +23,16 @@ class SmoothedSparseCE(keras.losses.Loss):
         return keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=self.smoothing)
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "smoothing": self.smoothing}
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "smoothing": self.smoothing,
+        }
 
 
-def compile_classifier(model, optimizer, num_classes: int, label_smoothing: float = 0.0,
-                       jit_compile: bool = False) -> None:
+def compile_classifier(
+    model, optimizer, num_classes: int, label_smoothing: float = 0.0, jit_compile: bool = False
+) -> None:
     """Compile a softmax classifier: cross-entropy (label-smoothed if asked), accuracy and
     top-5 accuracy on the main output; auxiliary outputs add weighted losses."""
 
@@ -39,7 +44,9 @@ def compile_classifier(model, optimizer, num_classes: int, label_smoothing: floa
     def metric_fns():
         return [
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(
+                k=min(5, num_classes), name="top5_accuracy"
+            ),
         ]
 
     heads = len(served_network(model).outputs)
@@ -49,8 +56,13 @@ def compile_classifier(model, optimizer, num_classes: int, label_smoothing: floa
         metrics = [metric_fns()] + [[] for _ in range(heads - 1)]
     else:
         loss, weights, metrics = loss_fn(), None, metric_fns()
-    model.compile(optimizer=optimizer, loss=loss, loss_weights=weights, metrics=metrics,
-                  jit_compile=jit_compile)
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        loss_weights=weights,
+        metrics=metrics,
+        jit_compile=jit_compile,
+    )
 
 
 @keras.saving.register_keras_serializable(package="deeptrends")
@@ -73,7 +85,10 @@ class AuxHeadsTrainer(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         return super().compute_loss(
-            x=x, y=self._per_head(y, y_pred), y_pred=y_pred, sample_weight=sample_weight,
+            x=x,
+            y=self._per_head(y, y_pred),
+            y_pred=y_pred,
+            sample_weight=sample_weight,
             training=training,
         )
 

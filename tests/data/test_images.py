@@ -11,8 +11,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from data.arrays import read_idx, read_mnist_idx  # noqa: E402
 from data.images import Augment, ImageInputSpec, build_image_datasets, preprocess_images  # noqa: E402
-from data.arrays import read_idx, read_mnist_idx
 from data.splits import DataError  # noqa: E402
 
 
@@ -23,7 +23,12 @@ def _batches(ds, n):
 @pytest.fixture(scope="module")
 def spec(tfds_dir):
     return ImageInputSpec(
-        name="digits", batch_size=32, seed=3, data_dir=tfds_dir, image_size=32, channels=1,
+        name="digits",
+        batch_size=32,
+        seed=3,
+        data_dir=tfds_dir,
+        image_size=32,
+        channels=1,
         augment=Augment(pad_crop=2, rotation=8),
     )
 
@@ -46,7 +51,7 @@ def test_same_seed_same_batches_other_seed_differs(spec):
     a = _batches(build_image_datasets(spec)[0], 3)
     b = _batches(build_image_datasets(spec)[0], 3)
     c = _batches(build_image_datasets(dataclasses.replace(spec, seed=4))[0], 3)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=False):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
     assert not np.array_equal(a[0][1], c[0][1])
@@ -57,7 +62,7 @@ def test_epochs_reshuffle_and_resume_continues_the_stream(spec):
     stream = _batches(build_image_datasets(spec)[0], steps + 2)
     assert not np.array_equal(stream[0][1], stream[steps][1])  # epoch 2 is reshuffled
     resumed = _batches(build_image_datasets(dataclasses.replace(spec, start_epoch=1))[0], 2)
-    for (xa, ya), (xb, yb) in zip(stream[steps:], resumed):
+    for (xa, ya), (xb, yb) in zip(stream[steps:], resumed, strict=False):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
 
@@ -66,7 +71,7 @@ def test_eval_is_deterministic_and_unaugmented(spec):
     _, evals, _ = build_image_datasets(spec)
     first = _batches(evals, 2)
     _, evals2, _ = build_image_datasets(dataclasses.replace(spec, augment=Augment()))
-    for (xa, _), (xb, _) in zip(first, _batches(evals2, 2)):
+    for (xa, _), (xb, _) in zip(first, _batches(evals2, 2), strict=False):
         np.testing.assert_array_equal(xa, xb)
 
 
@@ -106,7 +111,9 @@ def test_idx_reader_names_the_file(tmp_path):
 
 
 def test_mnist_local_split(mnist_dir, tfds_dir):
-    spec = ImageInputSpec(name="mnist", batch_size=250, data_dir=tfds_dir, image_size=32, options={"source": "local"})
+    spec = ImageInputSpec(
+        name="mnist", batch_size=250, data_dir=tfds_dir, image_size=32, options={"source": "local"}
+    )
     train, evals, info = build_image_datasets(spec)
     assert (info.num_train, info.num_eval) == (8000, 2000)
     assert info.image_shape == (32, 32, 1)

@@ -38,8 +38,13 @@ def workspace(tmp_path_factory, tfds_dir):
 def _config(workspace, *overrides):
     return load_config(
         "lenet5-digits",
-        [*TINY, f"tracking.uri={workspace['uri']}", f"runtime.work_dir={workspace['root'] / 'runs'}",
-         f"export.serving_dir={workspace['root'] / 'serving'}", *overrides],
+        [
+            *TINY,
+            f"tracking.uri={workspace['uri']}",
+            f"runtime.work_dir={workspace['root'] / 'runs'}",
+            f"export.serving_dir={workspace['root'] / 'serving'}",
+            *overrides,
+        ],
     )
 
 
@@ -52,8 +57,13 @@ def first_run(workspace):
 def second_run(workspace, first_run):
     # one step of a tiny learning rate: certainly worse than the first model
     return run_experiment(
-        _config(workspace, "train.epochs=1", "train.steps_per_epoch=1", "train.learning_rate=1e-6",
-                "data.augment.rotation=0")
+        _config(
+            workspace,
+            "train.epochs=1",
+            "train.steps_per_epoch=1",
+            "train.learning_rate=1e-6",
+            "data.augment.rotation=0",
+        )
     )
 
 
@@ -77,8 +87,13 @@ def test_run_is_tracked(workspace, first_run):
     assert 0.5 < first_run.metrics["accuracy"] <= 1.0
     assert 0 <= first_run.metrics["top5_accuracy"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(first_run.run_id)}
-    assert {"config.yaml", "model_summary.txt", "learning_curves.png", "confusion_matrix.png",
-            "dataset_info.json"} <= artifacts
+    assert {
+        "config.yaml",
+        "model_summary.txt",
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "dataset_info.json",
+    } <= artifacts
 
 
 def first_run_fingerprint():
@@ -122,7 +137,9 @@ def test_export_loads_and_matches(workspace, first_run):
     keras_model = mlflow.keras.load_model("models:/lenet5-digits/1")
     images = np.random.default_rng(0).uniform(size=(6, 32, 32, 1)).astype(np.float32)
     out = reloaded.signatures["serving_default"](images=tf.constant(images))
-    np.testing.assert_allclose(out["probabilities"].numpy(), keras_model.predict(images, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(
+        out["probabilities"].numpy(), keras_model.predict(images, verbose=0), atol=1e-5
+    )
     assert out["classes"].dtype == tf.int64 and out["top5_classes"].shape == (6, 5)
     np.testing.assert_array_equal(out["classes"].numpy(), out["top5_classes"].numpy()[:, 0])
 
@@ -141,13 +158,21 @@ def test_export_loads_and_matches(workspace, first_run):
     warmup = export / "assets.extra" / "tf_serving_warmup_requests"
     from tensorflow_serving.apis import prediction_log_pb2
 
-    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(warmup))]
-    assert {r.predict_log.request.model_spec.signature_name for r in records} == {"serving_default", "image_bytes"}
+    records = [
+        prediction_log_pb2.PredictionLog.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(str(warmup))
+    ]
+    assert {r.predict_log.request.model_spec.signature_name for r in records} == {
+        "serving_default",
+        "image_bytes",
+    }
 
 
 def test_saved_model_cli_lists_both_signatures(first_run):
     cli = Path(sys.executable).with_name("saved_model_cli")
-    out = subprocess.run([str(cli), "show", "--all", "--dir", first_run.export_path], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(cli), "show", "--all", "--dir", first_run.export_path], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "signature_def['serving_default']" in out.stdout
     assert "signature_def['image_bytes']" in out.stdout
@@ -157,12 +182,16 @@ def test_saved_model_cli_lists_both_signatures(first_run):
 def test_reexport_registered_version(workspace, first_run):
     from pipelines.serving.reexport import export_registered
 
-    path = export_registered("models:/lenet5-digits@champion", workspace["root"] / "reexport", workspace["uri"])
+    path = export_registered(
+        "models:/lenet5-digits@champion", workspace["root"] / "reexport", workspace["uri"]
+    )
     assert path == workspace["root"] / "reexport" / "lenet5-digits" / "1"
     a = tf.saved_model.load(str(path)).signatures["serving_default"]
     b = tf.saved_model.load(first_run.export_path).signatures["serving_default"]
     x = tf.random.uniform([3, 32, 32, 1], seed=1)
-    np.testing.assert_allclose(a(images=x)["probabilities"].numpy(), b(images=x)["probabilities"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        a(images=x)["probabilities"].numpy(), b(images=x)["probabilities"].numpy(), atol=1e-6
+    )
 
 
 def test_generative_run_scores_in_the_registered_lenet5_and_reexports(workspace, first_run):
@@ -172,14 +201,24 @@ def test_generative_run_scores_in_the_registered_lenet5_and_reexports(workspace,
     from pipelines.serving.reexport import export_registered
 
     root = workspace["root"]
-    summary = run_experiment(load_config("gan-digits", [
-        "train.epochs=2", "train.verbose=0", "export.warmup_requests=1",
-        "model.generator_units=[64]", "model.discriminator_units=[64]",
-        "task_options.fid_samples=100", "task_options.sample_every=0",
-        "task_options.fid_classifier=models:/lenet5-digits@champion",
-        f"tracking.uri={workspace['uri']}", f"runtime.work_dir={root / 'runs'}",
-        f"export.serving_dir={root / 'serving'}",
-    ]))
+    summary = run_experiment(
+        load_config(
+            "gan-digits",
+            [
+                "train.epochs=2",
+                "train.verbose=0",
+                "export.warmup_requests=1",
+                "model.generator_units=[64]",
+                "model.discriminator_units=[64]",
+                "task_options.fid_samples=100",
+                "task_options.sample_every=0",
+                "task_options.fid_classifier=models:/lenet5-digits@champion",
+                f"tracking.uri={workspace['uri']}",
+                f"runtime.work_dir={root / 'runs'}",
+                f"export.serving_dir={root / 'serving'}",
+            ],
+        )
+    )
     tags = mlflow.MlflowClient(workspace["uri"]).get_run(summary.run_id).data.tags
     assert tags["fid_classifier.kind"] == "registered"
     assert tags["fid_classifier.uri"] == "models:/lenet5-digits@champion"
@@ -195,18 +234,26 @@ def test_generative_run_scores_in_the_registered_lenet5_and_reexports(workspace,
     seeds = tf.constant([3, 4, 5], tf.int64)
     images = a["serving_default"](seed=seeds)["images"]
     assert images.dtype == tf.uint8 and images.shape == (3, 8, 8, 1)
-    np.testing.assert_array_equal(images.numpy(), b["serving_default"](seed=seeds)["images"].numpy())
+    np.testing.assert_array_equal(
+        images.numpy(), b["serving_default"](seed=seeds)["images"].numpy()
+    )
 
 
 def test_nan_run_fails_and_leaves_nothing(workspace, first_run, second_run):
     client = mlflow.MlflowClient(workspace["uri"])
     before = {str(v.version) for v in client.search_model_versions("name='lenet5-digits'")}
-    cfg = _config(workspace, "train.optimizer=sgd", "train.learning_rate=1e30", "train.epochs=2",
-                  "tracking.run_name=nan-run")
+    cfg = _config(
+        workspace,
+        "train.optimizer=sgd",
+        "train.learning_rate=1e30",
+        "train.epochs=2",
+        "tracking.run_name=nan-run",
+    )
     with pytest.raises(TrainingDiverged, match="NaN"):
         run_experiment(cfg)
     runs = client.search_runs(
-        [client.get_experiment_by_name("lenet5-digits").experiment_id], "attributes.run_name = 'nan-run'"
+        [client.get_experiment_by_name("lenet5-digits").experiment_id],
+        "attributes.run_name = 'nan-run'",
     )
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     after = {str(v.version) for v in client.search_model_versions("name='lenet5-digits'")}
@@ -218,13 +265,35 @@ def test_nan_run_fails_and_leaves_nothing(workspace, first_run, second_run):
 def test_cli_train_writes_summary_json(workspace, tmp_path):
     out = tmp_path / "summary.json"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'cli.db'}"}
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", "lenet5-digits", "--set", "train.epochs=1",
-           "--set", "train.verbose=0", "--set", f"export.serving_dir={tmp_path / 'serving'}",
-           "--set", f"runtime.work_dir={tmp_path / 'runs'}", "--output-json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "train",
+        "lenet5-digits",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.verbose=0",
+        "--set",
+        f"export.serving_dir={tmp_path / 'serving'}",
+        "--set",
+        f"runtime.work_dir={tmp_path / 'runs'}",
+        "--output-json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert set(summary) == {"run_id", "experiment", "metrics", "model_name", "model_version", "aliases", "export_path"}
+    assert set(summary) == {
+        "run_id",
+        "experiment",
+        "metrics",
+        "model_name",
+        "model_version",
+        "aliases",
+        "export_path",
+    }
     assert summary["model_version"] == "1" and summary["aliases"] == ["champion"]
     assert Path(summary["export_path"]).is_dir()
     assert '"run_id"' in proc.stdout  # the same summary is printed

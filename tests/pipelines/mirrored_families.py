@@ -37,7 +37,11 @@ CASES = [
     ("gan-digits", None, []),
     ("dcgan-digits", None, []),
     ("draw-digits", None, []),
-    ("dbn-classifier-mnist", None, ["data.name=digits", "task_options.epochs_per_layer=[1,1,1]"]),  # greedy + fine-tune
+    (
+        "dbn-classifier-mnist",
+        None,
+        ["data.name=digits", "task_options.epochs_per_layer=[1,1,1]"],
+    ),  # greedy + fine-tune
 ]
 
 
@@ -50,7 +54,9 @@ def main(indices: list[str]) -> int:
         if indices and str(index) not in indices:
             continue
         try:
-            config = load_runs(config_name, MIRRORED + extra, only=[variant] if variant else None)[0]
+            config = load_runs(config_name, MIRRORED + extra, only=[variant] if variant else None)[
+                0
+            ]
         except ConfigError as exc:
             print(json.dumps({"case": config_name, "error": str(exc)}), flush=True)
             return 1
@@ -62,8 +68,12 @@ def main(indices: list[str]) -> int:
         loss_key = "loss" if "loss" in history else sorted(history)[0]
         loss = float(history[loss_key][-1])
         case = f"{config_name}/{variant or config.model.name}"
-        print(json.dumps({"case": case, "loss": loss, "finite": math.isfinite(loss),
-                          "replicas": replicas}), flush=True)
+        print(
+            json.dumps(
+                {"case": case, "loss": loss, "finite": math.isfinite(loss), "replicas": replicas}
+            ),
+            flush=True,
+        )
     return 0
 
 

@@ -83,8 +83,14 @@ def test_classification_task_options_are_checked_before_anything_runs():
     with pytest.raises(ConfigError, match="task_options.gradient_norms"):
         check_config(config)
     # a gate metric this run never produces is a config error, not a KeyError after training
-    gap = {"name": "x", "model": {"name": "lenet5"}, "tracking": {"gate": {"metric": "train_accuracy"}}}
-    with pytest.raises(ConfigError, match="tracking.gate.metric.*evaluate_train|tracking.gate.metric"):
+    gap = {
+        "name": "x",
+        "model": {"name": "lenet5"},
+        "tracking": {"gate": {"metric": "train_accuracy"}},
+    }
+    with pytest.raises(
+        ConfigError, match="tracking.gate.metric.*evaluate_train|tracking.gate.metric"
+    ):
         check_config(validate_config(gap))
     check_config(validate_config({**gap, "task_options": {"evaluate_train": True}}))
 
@@ -117,9 +123,9 @@ def _small_net(keras, batch_norm=True):
 
 def test_gradient_norm_callback_logs_every_layer(tracking, tmp_path):
     import keras
+    import mlflow
     import numpy as np
 
-    import mlflow
     from pipelines.callbacks import GradientNorms
 
     rng = np.random.default_rng(0)
@@ -131,7 +137,8 @@ def test_gradient_norm_callback_logs_every_layer(tracking, tmp_path):
         callback.set_model(model)
         bn_before = [v.numpy().copy() for v in model.non_trainable_variables]
         assert callback._compute() and all(
-            np.array_equal(a, b.numpy()) for a, b in zip(bn_before, model.non_trainable_variables, strict=True)
+            np.array_equal(a, b.numpy())
+            for a, b in zip(bn_before, model.non_trainable_variables, strict=True)
         )  # measuring leaves the BatchNorm moving statistics alone
         model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)  # 4 steps
     client = mlflow.MlflowClient()
@@ -151,6 +158,7 @@ def test_gradient_norm_callback_logs_every_layer(tracking, tmp_path):
 
 def test_epochs_to_target_and_no_sink(tracking):
     import mlflow
+
     from pipelines.callbacks import EpochsToTarget
 
     with mlflow.start_run() as run:
@@ -167,6 +175,7 @@ def test_epochs_to_target_and_no_sink(tracking):
 
 def test_compare_overlays_curves_and_logs_the_plot(tracking, tmp_path):
     import mlflow
+
     from pipelines.reports.compare import COMPARE_TAG, compare
 
     mlflow.set_experiment("claim-x")
@@ -238,6 +247,7 @@ def test_bench_runs_with_a_tiny_budget(tmp_path, capsys):
 def test_claim_run_logs_gradient_norms_and_gap(tmp_path, tfds_dir, tracking, monkeypatch):
     """One tiny claim-activations variant through the driver, on an image folder of digits."""
     import mlflow
+
     from pipelines.train import run_experiment
 
     monkeypatch.chdir(tmp_path)
@@ -288,11 +298,17 @@ def test_image_bytes_signature_applies_the_family_centre_crop():
     from data.images import preprocess_images
     from pipelines.tasks.base import RunContext, get_task
 
-    config = validate_config({"name": "x", "model": {"name": "lenet5"}, "data": {"crop_fraction": 0.75}})
+    config = validate_config(
+        {"name": "x", "model": {"name": "lenet5"}, "data": {"crop_fraction": 0.75}}
+    )
     task = get_task("classification")(RunContext(config))
     model = models.create_model("lenet5", input_shape=(32, 32, 1), num_classes=10)
-    info = task.Info(image_shape=[32, 32, 1], raw_shape=[48, 48, 1], num_classes=10,
-                     preprocessing=task.preprocessing)
+    info = task.Info(
+        image_shape=[32, 32, 1],
+        raw_shape=[48, 48, 1],
+        num_classes=10,
+        preprocessing=task.preprocessing,
+    )
     endpoints = {e.name: e for e in task.serving(model, info).endpoints}
     image = np.random.default_rng(0).integers(0, 256, size=(48, 48, 1), dtype=np.uint8)
     png = tf.io.encode_png(image).numpy()

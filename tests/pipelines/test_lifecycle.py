@@ -88,7 +88,12 @@ def _status(config, run_id):
 
 @pytest.mark.parametrize(
     "error, status",
-    [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED"), ("preempted", "KILLED")],
+    [
+        (None, "FINISHED"),
+        (ValueError, "FAILED"),
+        (KeyboardInterrupt, "KILLED"),
+        ("preempted", "KILLED"),
+    ],
 )
 def test_tracker_ends_the_run_by_what_ended_it(tmp_path, error, status):
     pytest.importorskip("mlflow")
@@ -218,11 +223,23 @@ def _consistent(root):
 def test_a_publication_killed_at_any_step_is_reconciled_by_the_next(tmp_path, step):
     pytest.importorskip("tensorflow")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([*WORKER, str(tmp_path), "0.9", step], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [*WORKER, str(tmp_path), "0.9", step],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    done = subprocess.run([*WORKER, str(tmp_path), "0.5"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*WORKER, str(tmp_path), "0.5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     versions = _consistent(tmp_path)
     # the killed run's version survives only if it had already won its alias
@@ -234,8 +251,14 @@ def test_two_first_runs_on_a_fresh_store_both_publish(tmp_path):
     pytest.importorskip("tensorflow")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
-        subprocess.Popen([*WORKER, str(tmp_path), acc], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [*WORKER, str(tmp_path), acc],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for acc in ("0.6", "0.7")
     ]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -252,8 +275,10 @@ def test_unreadable_models_json_is_rebuilt(tmp_path):
     (serving / "models.json").write_text('{"a": {"versions": [1], "lab')  # a torn write
     write_model_config(serving, "a", [1], {"champion": 1}, labels_of=lambda n: {"champion": 3})
     state = json.loads((serving / "models.json").read_text())
-    assert state == {"a": {"versions": [1], "labels": {"champion": 1}},
-                     "b": {"versions": [3], "labels": {"champion": 3}}}
+    assert state == {
+        "a": {"versions": [1], "labels": {"champion": 1}},
+        "b": {"versions": [3], "labels": {"champion": 3}},
+    }
     text = (serving / "models.config").read_text()
     assert "name: 'a'" in text and "name: 'b'" in text
 

@@ -23,15 +23,22 @@ def exported(tmp_path_factory):
     from pipelines.serving.export import write_saved_model
     from pipelines.tasks.base import RunContext, get_task
 
-    config = validate_config({"name": "x", "model": {"name": "lenet5"}, "export": {"max_image_pixels": 10_000}})
+    config = validate_config(
+        {"name": "x", "model": {"name": "lenet5"}, "export": {"max_image_pixels": 10_000}}
+    )
     task = get_task("classification")(RunContext(config))
     model = models.create_model("lenet5", input_shape=(32, 32, 1), num_classes=10)
-    info = task.Info(image_shape=[32, 32, 1], raw_shape=[28, 28, 1], num_classes=10,
-                     preprocessing={"crop_fraction": 1.0})
+    info = task.Info(
+        image_shape=[32, 32, 1],
+        raw_shape=[28, 28, 1],
+        num_classes=10,
+        preprocessing={"crop_fraction": 1.0},
+    )
     serving = task.serving(model, info)
     root = tmp_path_factory.mktemp("serving")
-    result = write_saved_model(serving.model, serving.endpoints, root / "1", model_name="x",
-                               warmup_requests=0)
+    result = write_saved_model(
+        serving.model, serving.endpoints, root / "1", model_name="x", warmup_requests=0
+    )
     return tf.saved_model.load(str(result.path)).signatures, serving, model
 
 
@@ -67,8 +74,11 @@ def test_empty_batches_give_empty_results(exported):
 def _huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose header promises width x height (the body is a few zero rows): a
     decompression bomb as far as a decoder that trusts the header is concerned."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     body = zlib.compress(b"\0" * (width + 1) * 4)

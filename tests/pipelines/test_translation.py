@@ -205,6 +205,7 @@ def test_through_the_driver_and_reexport(tmp_path, monkeypatch):
     """What a user runs: ``deeptrends train`` (tags, run metrics, artifacts, a served
     string-to-string SavedModel), then ``deeptrends export`` of the registered version."""
     from mlflow import MlflowClient
+
     from pipelines.serving.reexport import export_registered
     from pipelines.train import run_experiment
 

@@ -18,7 +18,9 @@ PROBE = (
 @pytest.mark.parametrize("argv", [["configs"], ["models"], ["datasets"]])
 def test_listing_commands_import_no_tensorflow(argv):
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()

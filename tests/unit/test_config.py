@@ -32,9 +32,17 @@ def test_required_keys_and_defaults():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("lenet5-digits", ["train.epochs=3", "train.batch_size=64", "runtime.seed=7",
-                                        "model.activation=tanh", "tracking.gate.min_delta=0.01",
-                                        "train.optimizer=sgd"])
+    cfg = load_config(
+        "lenet5-digits",
+        [
+            "train.epochs=3",
+            "train.batch_size=64",
+            "runtime.seed=7",
+            "model.activation=tanh",
+            "tracking.gate.min_delta=0.01",
+            "train.optimizer=sgd",
+        ],
+    )
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.train.batch_size == 64 and cfg.runtime.seed == 7
     assert cfg.model.kwargs()["activation"] == "tanh"
@@ -59,7 +67,12 @@ def test_out_of_range_value():
 
 def test_bad_choice_lists_accepted_values():
     msg = _error("runtime.strategy=tpu_pod")
-    assert "runtime.strategy" in msg and "'default'" in msg and "'mirrored'" in msg and "tpu_pod" in msg
+    assert (
+        "runtime.strategy" in msg
+        and "'default'" in msg
+        and "'mirrored'" in msg
+        and "tpu_pod" in msg
+    )
 
 
 def test_bad_set_syntax():

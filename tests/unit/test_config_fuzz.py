@@ -19,9 +19,36 @@ from pipelines.variants import load_runs
 
 MUTATIONS = 600
 VALUES = [
-    -1, 0, 1, 3, -5, 2**31, 99999999999999999999, 0.5, -0.1, 1e308, math.nan, math.inf,
-    True, False, None, "", "relu", "../../outside", "it's", "ü" * 300, "x" * 10_000,
-    [], [1, 2], ["a"], {}, {"a": 1}, {"name": 3}, [[1]], "1e3", "true",
+    -1,
+    0,
+    1,
+    3,
+    -5,
+    2**31,
+    99999999999999999999,
+    0.5,
+    -0.1,
+    1e308,
+    math.nan,
+    math.inf,
+    True,
+    False,
+    None,
+    "",
+    "relu",
+    "../../outside",
+    "it's",
+    "ü" * 300,
+    "x" * 10_000,
+    [],
+    [1, 2],
+    ["a"],
+    {},
+    {"a": 1},
+    {"name": 3},
+    [[1]],
+    "1e3",
+    "true",
 ]
 NEW_KEYS = ["name", "dropout", "units", "epochs", "bogus", "seed", "metric", "path", "tags"]
 
@@ -96,7 +123,10 @@ def test_every_mutation_is_a_valid_config_or_a_config_error(tmp_path):
 def test_cli_user_errors_exit_2_without_a_traceback(args, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "train", "lenet5-digits", *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "deeptrends: error:" in proc.stderr

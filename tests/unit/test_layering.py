@@ -100,7 +100,11 @@ def test_only_tracking_serving_and_reports_import_mlflow():
         rel = path.relative_to(ROOT).as_posix()
         if rel.startswith(MLFLOW_ALLOWED):
             continue
-        bad += [f"{rel}:{line} imports {name}" for name, line in _imports(path) if _top(name) == "mlflow"]
+        bad += [
+            f"{rel}:{line} imports {name}"
+            for name, line in _imports(path)
+            if _top(name) == "mlflow"
+        ]
     assert not bad, "\n".join(bad)
 
 
