@@ -221,7 +221,7 @@ def cmd_schedule(args) -> int:
             end="",
         )
         return 0
-    _quiet_start()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # the pass imports no TensorFlow
     try:
         result = sched.run_schedule(
             schedule,
