@@ -15,7 +15,9 @@ CLAIMS = {
     "claim-residual": ["plain18", "plain34", "resnet18", "resnet34"],
 }
 # every registered image classifier ships a <model>-mnist config (the list comes from the registry)
-from tests.models.test_registered_classifiers import CLASSIFIERS  # noqa: E402
+import models  # noqa: E402
+
+CLASSIFIERS = models.list_models(task="classification")
 
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))
