@@ -49,12 +49,7 @@ TASK_KWARGS: dict[str, dict[str, Any]] = {
         "units": 8,
         "attention_units": 8,
     },
-    "detection": {
-        "input_shape": (64, 64, 3),
-        "num_classes": 3,
-        "rpn_channels": 8,
-        "head_units": 8,
-    },
+    "detection": {"input_shape": (64, 64, 3), "num_classes": 3, "head_units": 8},
     "captioning": {
         "vocab_size": 20,
         "input_shape": (64, 64, 3),
@@ -66,6 +61,7 @@ TASK_KWARGS: dict[str, dict[str, Any]] = {
 }
 FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     "vgg": {"width_multiplier": 0.125},
+    "faster_rcnn": {"rpn_channels": 8},
     "draw": {"steps": 3, "latent_dim": 4, "encoder_units": 16, "decoder_units": 16},
 }
 # Networks too deep to build three times in the quick suite (marked slow).

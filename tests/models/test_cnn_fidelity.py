@@ -22,10 +22,10 @@ from models.alexnet import alexnet_family  # noqa: E402
 from models.layers import LocalResponseNormalization  # noqa: E402
 from models.resnet import resnet  # noqa: E402
 from models.vgg import vgg  # noqa: E402
+from tests import helpers  # noqa: E402
 
 # The survey's ImageNet CNNs: every registered classifier but LeNet-5 (its own test file).
 CNN_MODELS = [n for n in models.list_models(task="classification") if n != "lenet5"]
-HEAVY = ("resnet101", "resnet152")
 
 
 def trainable_count(model) -> int:
@@ -181,7 +181,8 @@ def test_resnet50_matches_keras_applications(zero_init):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in CNN_MODELS]
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in helpers.HEAVY else n for n in CNN_MODELS],
 )
 def test_full_width_probabilities_on_mnist_sized_images(name):
     """What the MNIST configs train: full width, 32x32x1; three-channel inputs and small

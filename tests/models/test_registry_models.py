@@ -6,12 +6,11 @@ mixed precision with float32 outputs, and is the same network on the JAX backend
 Registering a model tests it: the cases come from ``tests/helpers.py``, sized by the
 model's task and family in the registry. All checks of one network share one build (a
 module-scoped fixture, so pytest runs them network by network); the JAX side runs in one
-subprocess for every selected network (the backend is fixed when Keras is imported).
+subprocess for every selected network (the backend is fixed when Keras is imported),
+started by ``conftest.py`` after collection, while the other tests run.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 
@@ -23,10 +22,9 @@ NAMES = [
     pytest.param(name, marks=pytest.mark.slow) if name in helpers.HEAVY else name
     for name in helpers.registered()
 ]
-JAX_TEST = "test_same_network_on_jax"
 
 
-def test_every_task_and_family_is_registered():
+def test_the_registry_covers_the_surveys_tasks():
     tasks = {helpers.models.model_info(n).task for n in helpers.registered()}
     assert {"classification", "generation", "sequence", "translation"} <= tasks
 
@@ -37,35 +35,6 @@ def network(request):
     name = request.param
     yield name, helpers.build(name)
     keras.backend.clear_session()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def jax_side(request, tmp_path_factory):
-    """The JAX side of every network whose JAX test is selected: one subprocess, started
-    with the module so that it runs while the TensorFlow checks do."""
-    names = sorted(
-        {
-            item.callspec.params["network"]
-            for item in request.session.items
-            if item.originalname == JAX_TEST and item.module is request.module
-        }
-    )
-    if not names or importlib.util.find_spec("jax") is None:
-        yield None
-        return
-    out_dir = tmp_path_factory.mktemp("jax")
-    proc = helpers.start_jax(names, out_dir)
-    yield proc, names, out_dir
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def jax_runs(jax_side):
-    if jax_side is None:
-        pytest.skip("JAX is not installed (pip install -e .[dev])")
-    return helpers.collect_jax(*jax_side)
 
 
 def test_builds_and_runs(network):
