@@ -162,10 +162,35 @@ def read_mnist_idx(source_dir: str | Path | None = None) -> tuple[np.ndarray, np
 # ---------------------------------------------------------------- loaders
 
 
+def prepare_quietly(builder) -> None:
+    """``download_and_prepare`` under a file lock beside the data (two workers on an empty
+    folder would both write it), with TFDS's own progress lines replaced by one of ours."""
+    import contextlib
+    import fcntl
+    import io
+    import sys
+
+    lock = Path(str(builder.data_dir)).parent / ".prepare.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    notices = io.StringIO()
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            with contextlib.redirect_stdout(notices):
+                builder.download_and_prepare()
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    if notices.getvalue():
+        print(
+            f"deeptrends: prepared {builder.name} {builder.version} in {builder.data_dir}",
+            file=sys.stderr,
+        )
+
+
 def _from_builder(
     builder, train_split: str, eval_split: str, fingerprint: str, source: str
 ) -> RawSplits:
-    builder.download_and_prepare()
+    prepare_quietly(builder)
     info = builder.info
     read_config = tfds.ReadConfig(shuffle_seed=SPLIT_SEED, interleave_cycle_length=1)
     train = builder.as_dataset(

@@ -164,12 +164,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _FIRST_PROGRESS = re.compile(r"(^|[\r\n])\s*1/3\b")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TFDS prints two 'Downloading and preparing ... / prepared to ...' lines when "
-    "data.arrays._from_builder prepares a dataset the first time; remove this marker with "
-    "the data-layer change that prints one deeptrends line instead",
-)
 def test_train_starts_quietly(tmp_path):
     """As on a fresh clone: a new MLflow store and a TFDS folder with nothing prepared."""
     cmd = [
