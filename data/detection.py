@@ -647,6 +647,7 @@ class DetectionInputSpec:
     drop_remainder: bool = True
     start_epoch: int = 0
     start_step: int = 0
+    steps_per_epoch: int | None = None  # a training epoch shorter (or longer) than a data pass
     shard_policy: str = "DATA"
     canvas: tuple[int, int] | None = None  # None: from the images' sizes
 
@@ -832,10 +833,19 @@ def build_detection_datasets(splits: DetectionSplits, spec: DetectionInputSpec):
             aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.deterministic
         )
 
+    steps = (
+        splits.num_train // spec.batch_size
+        if spec.drop_remainder
+        else math.ceil(splits.num_train / spec.batch_size)
+    )
+    # Where the stream starts: the data pass and batch of the training position (a capped
+    # train.steps_per_epoch makes a training epoch shorter than a pass over the data).
+    trained = spec.start_epoch * (spec.steps_per_epoch or steps) + spec.start_step
+    first_pass, offset = divmod(trained, max(steps, 1))
     train = (
-        tf.data.Dataset.range(spec.start_epoch, 2**31)
+        tf.data.Dataset.range(first_pass, 2**31)
         .flat_map(one_epoch)
-        .skip(spec.start_step)
+        .skip(offset)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
     )
@@ -847,11 +857,6 @@ def build_detection_datasets(splits: DetectionSplits, spec: DetectionInputSpec):
         .map(_to_model, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
         .with_options(options)
-    )
-    steps = (
-        splits.num_train // spec.batch_size
-        if spec.drop_remainder
-        else math.ceil(splits.num_train / spec.batch_size)
     )
     info = DetectionDatasetInfo(
         class_names=list(splits.class_names),

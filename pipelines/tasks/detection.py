@@ -217,6 +217,7 @@ class DetectionTask(Task):
             drop_remainder=True if cfg.data.drop_remainder is None else cfg.data.drop_remainder,
             start_epoch=self.context.start_epoch,
             start_step=self.context.start_step,
+            steps_per_epoch=cfg.train.steps_per_epoch,
             shard_policy=get_dataset(cfg.data.name).shard_policy,
         )
         if self.family == "rcnn":

@@ -317,10 +317,12 @@ def _subprocess_main(out_dir: str, model: str, strategy: str) -> int:
     task, context = task_at(start)
     inputs = task.build_inputs()
     resumed, _ = fit_model(task, inputs, context, out / "resumed", slot=slot)
-    diff = max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True)
-    )
+    diffs = {
+        v.path: float(np.max(np.abs(np.asarray(v) - np.asarray(w)), initial=0.0))
+        for v, w in zip(straight.weights, resumed.weights, strict=True)
+    }
+    diff = max(diffs.values())
+    worst = sorted(diffs, key=diffs.get)[-3:]
     moved = any(
         not np.array_equal(a, b)
         for a, b in zip(
@@ -354,7 +356,7 @@ def _subprocess_main(out_dir: str, model: str, strategy: str) -> int:
             reloaded.signatures["serving_default"](image_bytes=tf.constant([b"not an image" * 4]))
             served["bad_bytes"] = "accepted"
         except tf.errors.InvalidArgumentError as exc:
-            served["bad_bytes"] = exc.message.splitlines()[0]
+            served["bad_bytes"] = exc.message[:3000]
     else:
         ep = serving.endpoints[0]
         args = [tf.constant(v) for v in ep.check_inputs]
@@ -382,6 +384,7 @@ def _subprocess_main(out_dir: str, model: str, strategy: str) -> int:
                 "replicas": replicas,
                 "start": [start.epoch, start.step],
                 "resume_diff": diff,
+                "worst": {k: diffs[k] for k in worst},
                 "loss": history["loss"],
                 "trained": moved,
                 "signatures": result.signatures,
