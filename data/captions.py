@@ -34,6 +34,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,18 +193,34 @@ def square_image(data: bytes, size: int, what: str = "image") -> np.ndarray:
     return square_resize(image, size).numpy()
 
 
-def _load_files(image_dir: Path, names: list[str], size: int):
-    images = np.zeros((len(names), size, size, 3), np.uint8)
+def _load_files(image_dir: Path, names: list[str], size: int, cache_dir: str | None = None):
+    """(uint8 squares [N, size, size, 3], encoded bytes, sha256 digests) of the files; the
+    decoded squares are kept in ``cache_dir`` (keyed by the bytes and size) when given."""
     encoded, digests = [], []
-    for i, name in enumerate(names):
+    for name in names:
         path = image_dir / name
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-        images[i] = square_image(data, size, str(path))
         encoded.append(data)
         digests.append(hashlib.sha256(data).hexdigest())
+    cached = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{size}/".encode() + "".join(digests).encode()).hexdigest()[:20]
+        cached = Path(cache_dir) / f"images-{key}.npy"
+        if cached.is_file():
+            images = np.load(cached)
+            if images.shape == (len(names), size, size, 3):
+                return images, encoded, digests
+    images = np.zeros((len(names), size, size, 3), np.uint8)
+    for i, (name, data) in enumerate(zip(names, encoded, strict=True)):
+        images[i] = square_image(data, size, str(image_dir / name))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}-{os.getpid()}.npy")
+        np.save(tmp, images)
+        os.replace(tmp, cached)
     return images, encoded, digests
 
 
@@ -280,6 +297,7 @@ def load_flickr8k(
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
     max_images: int | None = None,
+    cache_dir: str | None = None,
 ) -> CaptionCorpus:
     """A Flickr8k-layout folder (see the module docstring).
 
@@ -292,6 +310,7 @@ def load_flickr8k(
         validation_fraction: float. Images for validation (random split only).
         test_fraction: float. Images for testing (random split only).
         max_images: int or None. Keep a seeded sample of this many images (quick runs).
+        cache_dir: str or None. Keep the decoded images there (keyed by their bytes).
     """
     folder = Path(path) if path else default_flickr_path()
     if not folder.is_dir():
@@ -339,7 +358,7 @@ def load_flickr8k(
     else:
         splits = seeded_split(len(names), validation_fraction, test_fraction, split_seed)
         stats.update(split_lists=False, split_seed=split_seed)
-    images, encoded, digests = _load_files(image_dir, names, load_size)
+    images, encoded, digests = _load_files(image_dir, names, load_size, cache_dir)
     stats.update({f"num_{s}_images": int(len(splits[s])) for s in SPLITS})
     stats["num_captions"] = int(sum(len(c) for c in captions))
     fp = _fingerprint(names, captions, digests, splits, f"flickr8k/{load_size}")
@@ -364,6 +383,7 @@ def load_coco_captions(
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
     max_images: int | None = None,
+    cache_dir: str | None = None,
 ) -> CaptionCorpus:
     """A COCO captions JSON and its images.
 
@@ -374,8 +394,8 @@ def load_coco_captions(
             in the Karpathy split; without it the images are split at random, seeded.
         images_dir: str or None. The image folder; default the JSON's folder's ``images/``
             (or the JSON's folder).
-        load_size, split_seed, validation_fraction, test_fraction, max_images: as
-            ``load_flickr8k``.
+        load_size, split_seed, validation_fraction, test_fraction, max_images, cache_dir:
+            as ``load_flickr8k``.
     """
     if not path:
         raise DataError("data.path: the COCO captions JSON file is required")
@@ -441,7 +461,7 @@ def load_coco_captions(
         }
     else:
         splits = seeded_split(len(names), validation_fraction, test_fraction, split_seed)
-    images, encoded, digests = _load_files(folder, names, load_size)
+    images, encoded, digests = _load_files(folder, names, load_size, cache_dir)
     stats = {f"num_{s}_images": int(len(splits[s])) for s in SPLITS}
     stats["num_captions"] = int(sum(len(c) for c in captions))
     fp = _fingerprint(names, captions, digests, splits, f"coco/{load_size}")
@@ -581,6 +601,7 @@ def build_caption_datasets(
     flip: bool = False,
     seed: int = 42,
     start_step: int = 0,
+    length_buckets: int = 16,
 ) -> CaptionData:
     """Vocabulary, id tensors and batched streams of a corpus.
 
@@ -602,6 +623,8 @@ def build_caption_datasets(
             so no batch is partial) and the per-step crops, flips and views.
         start_step: int. The first batch of the training stream (a resumed run's position):
             the stream is the same as a fresh one's from that batch on.
+        length_buckets: int. Batches are drawn from windows of this many batches sorted
+            by caption length (1: no sorting), so the decoder runs fewer padding steps.
     """
     if image_size > corpus.load_size:
         raise DataError(
@@ -647,12 +670,30 @@ def build_caption_datasets(
         return (eval_inputs(ids), t_in), t_out
 
     n = len(train_ids)
-    train = (
+    stream = (
         tf.data.Dataset.from_tensor_slices((train_ids, tin, tout))
         .repeat()
         .shuffle(min(n, 50_000), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
-        .skip(start_step)
+    )
+    if length_buckets > 1:
+        # Captions of similar length share a batch (the decoder runs to the longest one):
+        # windows of ``length_buckets`` batches are sorted by length, cut into batches,
+        # and those batches shuffled again. Only ids move here, so skipping is cheap.
+        def by_length(ids, t_in, t_out):
+            order = tf.argsort(tf.reduce_sum(tf.cast(t_out > 0, tf.int32), axis=1), stable=True)
+            return tf.gather(ids, order), tf.gather(t_in, order), tf.gather(t_out, order)
+
+        stream = (
+            stream.batch(batch_size * length_buckets)
+            .map(by_length)
+            .unbatch()
+            .batch(batch_size)
+            .shuffle(length_buckets, seed=seed + 1, reshuffle_each_iteration=True)
+        )
+    else:
+        stream = stream.batch(batch_size)
+    train = (
+        stream.skip(start_step)
         .enumerate(start=start_step)
         .map(train_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)

@@ -47,10 +47,12 @@ from models.checks import (
     check_optional_positive_int,
     check_positive_int,
 )
+from models.layers import BN_MOMENTUM
 from models.registry import register_model
 from models.seq2seq import AdditiveAttention
 
 ATTENTIONS = ("soft", "none")
+ANNOTATION_NORMS = ("batch", "layer", "none")
 NORMALIZATIONS = ("caffe", "torch")
 # keras.applications.imagenet_utils: caffe (BGR, [0, 255], mean subtracted), torch (RGB
 # standardised per channel)
@@ -135,6 +137,9 @@ class CaptionDecoder(keras.layers.Layer):
         gate: bool. Whether to scale the context by the gate ``beta_t``.
         dropout: float. Dropout before the deep output's last projection ``L_o``.
         attention_penalty: float. ``lambda`` of the doubly stochastic penalty (0: none).
+        annotation_norm: str. How the annotations are normalised before anything reads
+            them: ``batch`` (per channel, over batch and locations), ``layer`` (per location)
+            or ``none`` (the paper; VGG's rectified maps reach values in the thousands).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class CaptionDecoder(keras.layers.Layer):
         gate: bool,
         dropout: float,
         attention_penalty: float,
+        annotation_norm: str,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -161,6 +167,15 @@ class CaptionDecoder(keras.layers.Layer):
             check_non_negative_number("attention_penalty", attention_penalty)
         )
         self.soft = attention == "soft"
+        self.annotation_norm = check_choice("annotation_norm", annotation_norm, ANNOTATION_NORMS)
+        if annotation_norm == "batch":
+            self.norm = keras.layers.BatchNormalization(
+                axis=-1, momentum=BN_MOMENTUM, name="annotation_norm"
+            )
+        elif annotation_norm == "layer":
+            self.norm = keras.layers.LayerNormalization(axis=-1, name="annotation_norm")
+        else:
+            self.norm = None
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
         self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c")
@@ -177,6 +192,8 @@ class CaptionDecoder(keras.layers.Layer):
     def build(self, annotations_shape, tokens_shape=None):
         d, e, u = annotations_shape[-1], self.embedding_dim, self.units
         self.annotation_dim = d
+        if self.norm is not None:
+            self.norm.build((None, None, d))
         self.embedding.build((None, None))
         self.init_h.build((None, d))
         self.init_c.build((None, d))
@@ -191,9 +208,11 @@ class CaptionDecoder(keras.layers.Layer):
         self.built = True
 
     # -- the step protocol ------------------------------------------------------------
-    def encode(self, annotations):
-        """annotations [B, L, D] -> (annotations, keys [B, L, A] (soft attention; else the
-        annotations again), initial states [h0, c0] from the mean annotation)."""
+    def encode(self, annotations, training=False):
+        """annotations [B, L, D] -> (normalised annotations, keys [B, L, A] (soft attention;
+        else the annotations again), initial states [h0, c0] from the mean annotation)."""
+        if self.norm is not None:
+            annotations = self.norm(annotations, training=training)
         mean = ops.mean(annotations, axis=1)
         states = [self.init_h(mean), self.init_c(mean)]
         keys = self.attend.project_keys(annotations) if self.soft else annotations
@@ -240,7 +259,7 @@ class CaptionDecoder(keras.layers.Layer):
     def run(self, annotations, tokens, training=False):
         """Teacher forcing: annotations [B, L, D], tokens [B, T] -> (logits [B, T, V],
         attention [B, T, L] float32)."""
-        annotations, keys, states = self.encode(annotations)
+        annotations, keys, states = self.encode(annotations, training=training)
         embedded = self.embedding(tokens)  # [B, T, E]
         batch, locations = ops.shape(annotations)[0], ops.shape(annotations)[1]
         # keras.ops.scan on TensorFlow emits outputs shaped like its carry: the carry is
@@ -284,6 +303,7 @@ class CaptionDecoder(keras.layers.Layer):
             "gate": self.gate,
             "dropout": self.dropout,
             "attention_penalty": self.attention_penalty,
+            "annotation_norm": self.annotation_norm,
         }
 
 
@@ -311,6 +331,7 @@ class Captioner(keras.Model):
         gate: bool,
         dropout: float,
         attention_penalty: float,
+        annotation_norm: str,
         beam_width: int,
         length_penalty: float,
         max_decode_length: int | None,
@@ -344,6 +365,7 @@ class Captioner(keras.Model):
             gate=gate,
             dropout=dropout,
             attention_penalty=attention_penalty,
+            annotation_norm=annotation_norm,
             name="decoder",
         )
         normalize = ImageNormalization(normalization, name="normalization")
@@ -375,6 +397,7 @@ class Captioner(keras.Model):
         self.gate = gate
         self.dropout = dropout
         self.attention_penalty = float(attention_penalty)
+        self.annotation_norm = annotation_norm
         self.beam_width = beam_width
         self.length_penalty = float(length_penalty)
         self.max_decode_length = max_decode_length
@@ -411,6 +434,7 @@ class Captioner(keras.Model):
             "gate": self.gate,
             "dropout": self.dropout,
             "attention_penalty": self.attention_penalty,
+            "annotation_norm": self.annotation_norm,
             "beam_width": self.beam_width,
             "length_penalty": self.length_penalty,
             "max_decode_length": self.max_decode_length,
@@ -436,6 +460,7 @@ def captioner(
     gate: bool = True,
     dropout: float = 0.5,
     attention_penalty: float = 1.0,
+    annotation_norm: str = "batch",
     beam_width: int = 3,
     length_penalty: float = 0.0,
     max_decode_length: int | None = None,
@@ -462,6 +487,7 @@ def captioner(
         dropout: float. Dropout in the deep output layer.
         attention_penalty: float. ``lambda`` of the doubly stochastic penalty (1 in the
             authors' code; 0 turns it off).
+        annotation_norm: str. ``batch``, ``layer`` or ``none`` (see ``CaptionDecoder``).
         beam_width: int. Generation default: 1 greedy, more beam search.
         length_penalty: float. Generation default: the GNMT length-penalty exponent.
         max_decode_length: int or None. Generation default: the most words; None lets the
@@ -483,6 +509,7 @@ def captioner(
         gate=gate,
         dropout=dropout,
         attention_penalty=attention_penalty,
+        annotation_norm=annotation_norm,
         beam_width=beam_width,
         length_penalty=length_penalty,
         max_decode_length=max_decode_length,

@@ -41,6 +41,7 @@ import importlib.util
 import inspect
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -148,6 +149,22 @@ class CaptionRecord:
     encoder_weights: str | None
     make_train: Any  # start_step -> the training stream
     epoch_seconds: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=lambda: [0])  # training steps taken (resumed too)
+
+
+class StepCounter(keras.callbacks.Callback):
+    """Counts the training steps into ``steps[0]`` (from ``start``: a resumed run's) and,
+    with ``limit``, stops training when it reaches it (the blind baseline's budget)."""
+
+    def __init__(self, steps: list[int], start: int = 0, limit: int | None = None):
+        super().__init__()
+        self.steps, self.limit = steps, limit
+        self.steps[0] = start
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps[0] += 1
+        if self.limit is not None and self.steps[0] >= self.limit:
+            self.model.stop_training = True
 
 
 # ---------------------------------------------------------------------- networks
@@ -597,6 +614,8 @@ class CaptioningTask(Task):
         module, _, fn = entry.load.partition(":")
         loader = getattr(importlib.import_module(module), fn)
         load, text = split_data_options(loader, check_options(cfg.data.name, cfg.data.options()))
+        if "cache_dir" in inspect.signature(loader).parameters:
+            load["cache_dir"] = str(self.cache_dir())  # the decoded images, beside the annotations
         corpus: CaptionCorpus = loader(**{**load, "data_dir": cfg.data.dir})
         size = self.image_size()
         text = {
@@ -679,7 +698,8 @@ class CaptioningTask(Task):
         return model
 
     def callbacks(self, inputs: Inputs, run_dir: Path) -> list:
-        out = [EpochTimer(inputs.data.epoch_seconds)]
+        start = self.context.start_epoch * inputs.steps_per_epoch + self.context.start_step
+        out = [EpochTimer(inputs.data.epoch_seconds), StepCounter(inputs.data.steps, start)]
         if self.options.max_train_minutes:
             out.append(TimeLimit(self.options.max_train_minutes * 60.0))
         return out
@@ -709,7 +729,9 @@ class CaptioningTask(Task):
         systems = {"": best["captions"], "greedy": greedy["captions"]}
         blind_val = None
         if "blind" in opts.baselines:
-            blind_captions, blind_val = self.blind_baseline(inputs, served, len(test))
+            with warnings.catch_warnings():  # attention over one (zero) location
+                warnings.filterwarnings("ignore", message="You are using a softmax over axis")
+                blind_captions, blind_val = self.blind_baseline(inputs, served, len(test))
             systems["blind"] = blind_captions
         if "nearest_neighbour" in opts.baselines:
             systems["nn"] = self.nearest_neighbour(network, record, annotations)
@@ -744,6 +766,7 @@ class CaptioningTask(Task):
         if blind_val is not None:
             metrics["blind_loss"] = blind_val
         run_metrics = {
+            "train_steps": float(record.steps[0]),
             "num_params": float(network.count_params()),
             "trainable_params": float(
                 sum(int(np.prod(w.shape)) for w in network.trainable_weights)
@@ -780,16 +803,21 @@ class CaptioningTask(Task):
 
     def blind_baseline(self, inputs: Inputs, served: ImageCaptioner, count: int):
         """Train the same decoder without the image on the same captions for the same
-        budget (a language model), then caption with it: (captions, validation loss)."""
+        budget (a language model), then caption with it: (captions, validation loss).
+
+        The budget is the captioner's: as many training steps as it took (a time limit
+        stops it mid-epoch; the blind decoder is faster per step), or ``blind_epochs``."""
         from pipelines import loop
 
         cfg = self.config
         keras.utils.set_random_seed(cfg.runtime.seed + 1)
         blind = self.build_model(inputs, blind=True)
-        epochs = self.options.blind_epochs or cfg.train.epochs
-        callbacks = []
-        if self.options.max_train_minutes:
-            callbacks.append(TimeLimit(self.options.max_train_minutes * 60.0))
+        if self.options.blind_epochs:
+            epochs, limit = self.options.blind_epochs, None
+        else:
+            limit = max(1, inputs.data.steps[0])
+            epochs = min(cfg.train.epochs, -(-limit // inputs.steps_per_epoch))
+        callbacks = [StepCounter([0], 0, limit)]
         loop.fit(
             blind,
             tf.distribute.get_strategy(),
