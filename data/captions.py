@@ -499,11 +499,17 @@ def load_tfds_coco_captions(
         builder = tfds.builder(tfds_name, data_dir=data_dir or default_tfds_dir())
     except Exception as exc:  # noqa: BLE001 - TFDS raises several types for unknown names
         raise DataError(f"data.tfds_name: {tfds_name!r} is not a TFDS dataset ({exc})") from None
-    if not builder.is_prepared():
-        raise DataError(
-            f"data.tfds_name: TFDS {tfds_name!r} is not prepared under {builder.data_dir} "
-            "(no network to download it)."
-        )
+
+    def read(split: str):
+        try:  # (as_dataset, not is_prepared: TFDS' mock data for tests patches the former)
+            return builder.as_dataset(split=split, shuffle_files=False)
+        except (AssertionError, FileNotFoundError, ValueError) as exc:
+            raise DataError(
+                f"data.tfds_name: TFDS {tfds_name!r} is not prepared under {builder.data_dir} "
+                f"(no network to download it), or has no split {split!r}: "
+                f"{str(exc).splitlines()[0][:160]}"
+            ) from None
+
     names: list[str] = []
     captions: list[list[str]] = []
     images: list[np.ndarray] = []
@@ -513,7 +519,7 @@ def load_tfds_coco_captions(
         ("validation", validation_split),
         ("test", test_split),
     ):
-        ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
+        ds = read(tfds_split)
         if max_images:
             ds = ds.take(max_images)
         splits[split] = []

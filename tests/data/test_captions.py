@@ -162,9 +162,18 @@ def test_coco_json(tmp_path):
         load_coco_captions(path=str(path))
 
 
-def test_tfds_name_not_prepared(tmp_path):
+def test_tfds_coco_captions(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError, match="not prepared"):
         load_tfds_coco_captions(data_dir=str(tmp_path), tfds_name="coco_captions")
+    with pytest.raises(DataError, match="is not a TFDS dataset"):
+        load_tfds_coco_captions(data_dir=str(tmp_path), tfds_name="no_such_set_anywhere")
+    # the real builder's features and splits, with generated examples
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        corpus = load_tfds_coco_captions(data_dir=str(tmp_path), load_size=32)
+    assert [len(corpus.splits[s]) for s in ("train", "validation", "test")] == [3, 3, 3]
+    assert corpus.images.shape == (9, 32, 32, 3) and corpus.encoded is None
+    assert all(corpus.captions) and corpus.source == "tfds:coco_captions"
 
 
 def test_vocabulary_min_count_cap_and_long_captions(tmp_path):
