@@ -418,10 +418,19 @@ class Predictor:
         self._batch = tf.function(self._detect, reduce_retracing=True)
 
     def _detect(self, images, image_size):
-        return detect(self.network, images, image_size, self.settings)
+        from pipelines.serving.signatures import detection_output_signature
+
+        def one(args):  # each image at its own size, unpadded: as the signature serves it
+            image, size = args
+            out = detect(self.network, image[None, : size[0], : size[1]], size[None], self.settings)
+            return {k: v[0] for k, v in out.items()}
+
+        signature = detection_output_signature(self.settings.max_detections)
+        return tf.map_fn(one, (images, image_size), fn_output_signature=signature)
 
     def detect_batch(self, images, targets) -> dict:
-        """Detections of an eval batch (padded canvas, ``targets['image_size']``)."""
+        """Detections of an eval batch (padded canvas, ``targets['image_size']``): each
+        image cropped to its size first, so that evaluation measures what is served."""
         return self._batch(images, targets["image_size"])
 
     def detect_one(self, image):
