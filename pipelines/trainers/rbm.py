@@ -40,6 +40,13 @@ def layer_count(config) -> int:
     units = config.model.kwargs().get("hidden_units")
     if units is None:
         units = models.model_arguments(config.model.name)["hidden_units"].default
+    if isinstance(units, (list, tuple)) and not units:
+        from pipelines.config import ConfigError
+
+        raise ConfigError(
+            f"model.hidden_units: {config.model.name!r} needs at least one layer of units. "
+            "Received: hidden_units=[]"
+        )
     return len(units) if isinstance(units, (list, tuple)) else 1
 
 
