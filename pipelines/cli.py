@@ -37,8 +37,11 @@ def cmd_configs(args) -> int:
 def cmd_models(args) -> int:
     import models
 
+    rows = []
     for name in models.list_models():
-        print(name)
+        info = models.model_info(name)
+        rows.append((name, info.task, info.family, ", ".join(info.features or ())))
+    print_table(rows, ("model", "task", "family", "features"))
     return 0
 
 

@@ -55,7 +55,7 @@ class AugmentConfig(_Section):
         0, ge=0, le=4096, description="pixels of padding before a random crop back to size"
     )
     flip: bool | None = Field(
-        None, description="random horizontal flip; None: the model family's PREPROCESSING"
+        None, description="random horizontal flip; None: the model's registry preprocessing"
     )
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="max rotation in degrees")
     zoom: float = Field(0.0, ge=0.0, lt=1.0, description="max relative zoom in/out")
@@ -88,7 +88,7 @@ class DataConfig(BaseModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     preprocessing: Literal["model", "none"] = Field(
         "model",
-        description="model: unset crop_fraction/flip/pca_jitter come from the family's PREPROCESSING",
+        description="model: unset crop_fraction/flip/pca_jitter come from the model's registry preprocessing",
     )
     crop_fraction: float | None = Field(
         None,
