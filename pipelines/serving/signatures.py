@@ -112,19 +112,7 @@ def decode_image_bytes(
     height, width, channels = (int(d) for d in image_shape)
 
     def decode(data):
-        h, w = image_header_size(data)
-        tf.debugging.assert_non_negative(
-            h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image"
-        )
-        tf.debugging.assert_less_equal(
-            h * w,
-            tf.constant(max_pixels, tf.int64),
-            message=f"image_bytes: the image is larger than export.max_image_pixels={max_pixels}",
-            summarize=2,
-        )
-        tf.debugging.assert_positive(h * w, message="image_bytes: the image has no pixels")
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
+        image = decode_any_image(data, max_pixels)
         if raw_channels == 1:
             image = tf.cast(
                 tf.round(tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))), tf.uint8
@@ -236,17 +224,22 @@ def decode_any_image(data, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     refused (``InvalidArgumentError``) when its header is no image's or promises more
     than ``max_pixels`` pixels."""
     h, w = image_header_size(data)
-    tf.debugging.assert_non_negative(
-        h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image"
-    )
-    tf.debugging.assert_less_equal(
-        h * w,
-        tf.constant(max_pixels, tf.int64),
-        message=f"image_bytes: the image is larger than export.max_image_pixels={max_pixels}",
-        summarize=2,
-    )
-    tf.debugging.assert_positive(h * w, message="image_bytes: the image has no pixels")
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    checks = [
+        tf.debugging.assert_non_negative(
+            h, message="image_bytes: not a JPEG, PNG, GIF, BMP or WebP image"
+        ),
+        tf.debugging.assert_less_equal(
+            h * w,
+            tf.constant(max_pixels, tf.int64),
+            message=f"image_bytes: the image is larger than export.max_image_pixels={max_pixels}",
+            summarize=2,
+        ),
+        tf.debugging.assert_positive(h * w, message="image_bytes: the image has no pixels"),
+    ]
+    # the checks run before the decoder (in a graph nothing else orders them): a refused
+    # input fails with its own message, and a bomb is never decoded
+    with tf.control_dependencies(checks):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 

@@ -806,7 +806,8 @@ class CaptioningTask(Task):
         budget (a language model), then caption with it: (captions, validation loss).
 
         The budget is the captioner's: as many training steps as it took (a time limit
-        stops it mid-epoch; the blind decoder is faster per step), or ``blind_epochs``."""
+        stops it mid-epoch; the blind decoder is faster per step), or ``blind_epochs``;
+        with ``train.early_stopping_patience`` both keep their best validation epoch."""
         from pipelines import loop
 
         cfg = self.config
@@ -818,12 +819,19 @@ class CaptioningTask(Task):
             limit = max(1, inputs.data.steps[0])
             epochs = min(cfg.train.epochs, -(-limit // inputs.steps_per_epoch))
         callbacks = [StepCounter([0], 0, limit)]
+        if cfg.train.early_stopping_patience:  # the captioner's rule, for both
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    patience=cfg.train.early_stopping_patience, restore_best_weights=True
+                )
+            )
         loop.fit(
             blind,
             tf.distribute.get_strategy(),
             inputs.data.make_train(0),
             epochs=epochs,
             steps_per_epoch=inputs.steps_per_epoch,
+            validation_data=inputs.eval,
             callbacks=callbacks,
             verbose=0,
             jit_compile=cfg.runtime.jit_compile,

@@ -37,7 +37,9 @@ def test_digits_shapes_and_split(spec):
     train, evals, info = build_image_datasets(spec)
     assert (info.num_train, info.num_eval) == (1437, 360)
     assert info.image_shape == (32, 32, 1) and info.raw_shape == (8, 8, 1)
-    assert info.num_classes == 10 and info.steps_per_epoch == 45
+    assert info.num_classes == 10 and info.steps_per_epoch == 1437 // 32  # drop_remainder
+    ragged = build_image_datasets(dataclasses.replace(spec, drop_remainder=False))[2]
+    assert ragged.steps_per_epoch == 45
     x, y = next(iter(train))
     assert x.shape == (32, 32, 32, 1) and x.dtype == tf.float32 and y.dtype == tf.int64
     assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
@@ -58,8 +60,9 @@ def test_same_seed_same_batches_other_seed_differs(spec):
 
 
 def test_epochs_reshuffle_and_resume_continues_the_stream(spec):
-    steps = 45
-    stream = _batches(build_image_datasets(spec)[0], steps + 2)
+    train, _, info = build_image_datasets(spec)
+    steps = info.steps_per_epoch
+    stream = _batches(train, steps + 2)
     assert not np.array_equal(stream[0][1], stream[steps][1])  # epoch 2 is reshuffled
     resumed = _batches(build_image_datasets(dataclasses.replace(spec, start_epoch=1))[0], 2)
     for (xa, ya), (xb, yb) in zip(stream[steps:], resumed, strict=False):
@@ -127,17 +130,21 @@ def test_two_workers_see_disjoint_shards_whose_union_is_the_split(spec):
     MultiWorkerMirroredStrategy does per worker): disjoint, and together the whole epoch."""
     from tensorflow.python.distribute import input_ops
 
-    train, evals, info = build_image_datasets(dataclasses.replace(spec, augment=Augment()))
-    assert info.shard_policy == "DATA"
-    epoch = train.take(info.steps_per_epoch)
-
     def keys(ds):
         return [hash(img.tobytes()) for x, _ in ds for img in x.numpy()]
 
-    everything = keys(epoch)
-    shards = [keys(input_ops.auto_shard_dataset(epoch, 2, i)) for i in range(2)]
-    assert len(everything) == info.num_train
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(everything)
+    for drop_remainder in (True, False):  # the shipped default drops the last partial batch
+        changed = dataclasses.replace(spec, augment=Augment(), drop_remainder=drop_remainder)
+        train, evals, info = build_image_datasets(changed)
+        assert info.shard_policy == "DATA"
+        epoch = train.take(info.steps_per_epoch)
+        everything = keys(epoch)
+        if drop_remainder:
+            assert len(everything) == len(set(everything)) == info.steps_per_epoch * 32
+        else:
+            assert len(everything) == len(set(everything)) == info.num_train
+        shards = [keys(input_ops.auto_shard_dataset(epoch, 2, i)) for i in range(2)]
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == sorted(everything)
     eval_shards = [keys(input_ops.auto_shard_dataset(evals, 2, i)) for i in range(2)]
     assert sorted(eval_shards[0] + eval_shards[1]) == sorted(keys(evals))
