@@ -89,6 +89,51 @@ def training_state(model) -> list:
     return unique
 
 
+def average_replica_statistics(model, strategy: tf.distribute.Strategy | None = None) -> None:
+    """Set every floating-point non-trainable variable of ``model`` (BatchNorm's moving
+    mean and variance) to its mean over the replicas, on every replica.
+
+    Keras 3 makes them ``MirroredVariable``s with aggregation NONE: each replica's
+    BatchNormalization moves its own copy from its own share of the batch, and a read
+    (checkpoint, export, evaluation) sees one replica's copy. tf.keras read their mean
+    (``ON_READ``/``MEAN``); averaging the copies gives that value, and as the moving
+    average is linear, when it is done does not change the result. Copies made equal
+    at every checkpoint and epoch end are what a resumed run (whose restored copies are
+    equal) continues from, so it continues exactly."""
+    strategy = strategy or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync < 2:
+        return
+    variables = [
+        v
+        for v in model.non_trainable_variables
+        if isinstance(getattr(v, "value", None), tf.distribute.DistributedValues)
+        and "float" in str(v.dtype)
+    ]
+    if not variables:
+        return
+    sync = getattr(model, "_deeptrends_average_statistics", None)
+    if sync is None or sync[0] is not strategy:
+
+        def average():
+            context = tf.distribute.get_replica_context()
+            local = [tf.identity(v.value) for v in variables]
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, local)
+            for v, mean in zip(variables, means, strict=True):
+                v.assign(mean)
+
+        sync = (strategy, tf.function(lambda: strategy.run(average)))
+        model._deeptrends_average_statistics = sync
+    sync[1]()
+
+
+def _single_worker(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return True
+    spec = resolver.cluster_spec()
+    return not spec.jobs or spec.num_tasks("worker") in (None, 0, 1)
+
+
 def build_optimizers(model) -> None:
     """Create every optimizer slot now, so that checkpoints hold them from the start."""
     optimizer = getattr(model, "optimizer", None)
@@ -187,7 +232,13 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         log.info("resumed from %s at epoch %d step %d", latest, position.epoch + 1, position.step)
         return position
 
-    def save(self, epoch: int, step: int) -> str:
+    def save(self, epoch: int, step: int, *, everywhere: bool = True) -> str:
+        """``everywhere``: every worker saves at this point (epoch ends, step
+        checkpoints), so the replicas' statistics are averaged first; a SIGTERM save on
+        one worker of several cannot wait for the others."""
+        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        if everywhere or _single_worker(strategy):
+            average_replica_statistics(self.model, strategy)
         self._epoch.assign(epoch)
         self._step.assign(step)
         return self._manager.save()
@@ -336,12 +387,15 @@ def fit(
                 logs = train_step(next(iterator))
                 cbs.on_train_batch_end(step, logs)
                 if sigterm.raised:
-                    where = checkpoint.save(epoch, step + 1) if checkpoint else None
+                    where = (
+                        checkpoint.save(epoch, step + 1, everywhere=False) if checkpoint else None
+                    )
                     raise Preempted(
                         f"SIGTERM at epoch {epoch + 1} step {step + 1}; checkpoint {where}"
                     )
                 if model.stop_training:
                     break
+            average_replica_statistics(model, strategy)  # validation reads them
             epoch_logs = {k: float(v) for k, v in logs.items()}
             if dist_val is not None and (epoch + 1) % validation_freq == 0:
                 model.reset_metrics()

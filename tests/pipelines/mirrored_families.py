@@ -45,6 +45,19 @@ CASES = [
 ]
 
 
+def _replica_spread(model, strategy) -> float:
+    """The largest difference between two replicas' copies of a non-trainable variable
+    (BatchNorm statistics) after training: 0 when the loop averaged them."""
+    import numpy as np
+
+    spread = 0.0
+    for v in model.non_trainable_variables:
+        copies = [np.asarray(c) for c in strategy.experimental_local_results(v.value)]
+        if "float" in str(v.dtype):
+            spread = max(spread, *(float(np.max(np.abs(c - copies[0]), initial=0)) for c in copies))
+    return spread
+
+
 def main(indices: list[str]) -> int:
     from pipelines import runtime
     from pipelines.tasks.base import RunContext, get_task
@@ -64,13 +77,19 @@ def main(indices: list[str]) -> int:
         replicas = strategy.num_replicas_in_sync
         context = RunContext(config, num_replicas=replicas, strategy=strategy)
         task = get_task(config.task)(context)
-        _, history = fit_model(task, task.build_inputs(), context)
+        model, history = fit_model(task, task.build_inputs(), context)
         loss_key = "loss" if "loss" in history else sorted(history)[0]
         loss = float(history[loss_key][-1])
         case = f"{config_name}/{variant or config.model.name}"
         print(
             json.dumps(
-                {"case": case, "loss": loss, "finite": math.isfinite(loss), "replicas": replicas}
+                {
+                    "case": case,
+                    "loss": loss,
+                    "finite": math.isfinite(loss),
+                    "replicas": replicas,
+                    "statistics_spread": _replica_spread(model, strategy),
+                }
             ),
             flush=True,
         )
