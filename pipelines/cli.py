@@ -81,12 +81,39 @@ def _quiet_start() -> None:
     quiet_tensorflow()
 
 
+def _split_overrides(text: str) -> list[str]:
+    """``--overrides 'a=1 b="two words"'`` -> ``["a=1", "b=two words"]``."""
+    import shlex
+
+    from pipelines.config import ConfigError
+
+    try:
+        items = shlex.split(text or "")
+    except ValueError as exc:
+        raise ConfigError(f"--overrides: {exc} in {text[:200]!r}") from None
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"--overrides: expected KEY=VALUE items, got {bad[0][:200]!r}")
+    return items
+
+
+def _yes_no(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text[:50]!r}")
+
+
 def cmd_train(args) -> int:
     _quiet_start()
     from pipelines.train import check_config, run_experiment
     from pipelines.variants import load_runs
 
-    configs = load_runs(args.config, args.set, only=args.variant)  # one, or one per variant
+    configs = load_runs(
+        args.config, [*args.set, *_split_overrides(args.overrides)], only=args.variant
+    )
     for config in configs:
         check_config(config)
     keys = (
@@ -284,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=5 (repeatable)",
     )
+    p.add_argument(
+        "--overrides",
+        default="",
+        metavar="'KEY=VALUE ...'",
+        help="several --set values in one argument, split as a shell would (what MLflow "
+        "projects pass: mlflow/MLproject)",
+    )
     p.add_argument("--output-json", metavar="FILE", help="also write the run summary as JSON here")
     p.add_argument(
         "--variant",
@@ -409,7 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train this date (Airflow: '{{ logical_date }}'); default: the latest fire time",
     )
     q.add_argument(
-        "--catch-up", action="store_true", help="also the missed fire times (max_catchup)"
+        "--catch-up",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_yes_no,
+        metavar="true|false",
+        help="also the missed fire times (max_catchup); a bare --catch-up is true",
     )
     q.add_argument("--dry-run", action="store_true", help="show what would train; train nothing")
     q.add_argument(

@@ -31,6 +31,19 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+@contextlib.contextmanager
+def _launcher_run_set_aside():
+    """``MLFLOW_RUN_ID`` (set by ``mlflow run`` for its command) removed while the
+    training run starts, so ``mlflow.start_run`` does not try to continue the launcher's
+    run in another experiment; yields its value."""
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield launcher
+    finally:
+        if launcher is not None:
+            os.environ["MLFLOW_RUN_ID"] = launcher
+
+
 def tracking_uri(config: ExperimentConfig) -> str:
     return resolve_uri(config.tracking.uri)
 
@@ -218,10 +231,12 @@ class RunTracker:
             experiment = mlflow.set_experiment(self.config.experiment_name)
         self._client = MlflowClient()
         self.reconciled = self._end_abandoned_runs(experiment.experiment_id)
-        if self._resume_id:
-            run = mlflow.start_run(run_id=self._resume_id)
-        else:
-            run = mlflow.start_run(run_name=self.config.tracking.run_name)
+        with _launcher_run_set_aside() as launcher:
+            if self._resume_id:
+                run = mlflow.start_run(run_id=self._resume_id)
+            else:
+                tags = self._launcher_tags(launcher)
+                run = mlflow.start_run(run_name=self.config.tracking.run_name, tags=tags)
         self.run_id = run.info.run_id
         self._alive = contextlib.ExitStack()
         self._alive.enter_context(file_lock(self._run_lock(self.run_id)))
@@ -240,6 +255,19 @@ class RunTracker:
     def _run_lock(self, run_id: str) -> Path:
         """Held by the process that runs ``run_id`` (the kernel drops it if it dies)."""
         return Path(self.config.runtime.work_dir) / ".locks" / f"run-{run_id}.lock"
+
+    def _launcher_tags(self, launcher: str | None) -> dict[str, str] | None:
+        """Under ``mlflow run`` (which starts a run and hands its id in ``MLFLOW_RUN_ID``)
+        the training run is its child, in the config's experiment (where comparisons and
+        the registry look); a launcher run in another store is only named."""
+        if not launcher:
+            return None
+        tags = {"deeptrends.launcher_run": launcher}
+        try:
+            self._client.get_run(launcher)
+        except mlflow.exceptions.MlflowException:
+            return tags
+        return {**tags, "mlflow.parentRunId": launcher}
 
     def _end_abandoned_runs(self, experiment_id: str) -> list[str]:
         """Runs of this experiment left RUNNING by a process that died (``kill -9``, a
