@@ -289,7 +289,7 @@ def cmd_schedule(args) -> int:
 def cmd_launch(args) -> int:
     from pipelines.launch import launch
 
-    return launch(args.workers, args.config, args.set, args.output_json)
+    return launch(args.workers, args.config, args.set, args.output_json, network=args.network)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
     )
     p.add_argument("--output-json", metavar="FILE", help="the chief writes the run summary here")
+    p.add_argument(
+        "--network",
+        choices=["auto", "private", "host", "inside"],
+        default="auto",
+        help="private: the job in its own network namespace (loopback only; TensorFlow's "
+        "gRPC servers bind every interface); host: the host's network (a remote tracking "
+        "server); auto: private where permitted and the tracking store is local",
+    )
     p.set_defaults(fn=cmd_launch)
 
     p = sub.add_parser(

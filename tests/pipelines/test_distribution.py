@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines import launch
 from tests.pipelines.test_resume_cli import _serving_outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,7 +148,14 @@ def test_launcher_fails_fast_naming_the_dead_worker(ws):
     while not pids.exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(8)  # let the workers reach their collectives
-    os.kill(json.loads(pids.read_text())["worker-1"], signal.SIGKILL)
+    job = json.loads(pids.read_text())
+    if launch.can_isolate():  # TF binds every interface: the job runs in its own network
+        assert job["network"] == "private"
+        for address in job["cluster"]:  # listening inside, unreachable from here
+            host, port = address.rsplit(":", 1)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, int(port)), timeout=2).close()
+    os.kill(job["worker-1"], signal.SIGKILL)
     start = time.time()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
