@@ -162,20 +162,28 @@ def read_mnist_idx(source_dir: str | Path | None = None) -> tuple[np.ndarray, np
 # ---------------------------------------------------------------- loaders
 
 
-def prepare_quietly(builder) -> None:
+def prepare_quietly(make_builder):
     """``download_and_prepare`` under a file lock beside the data (two workers on an empty
-    folder would both write it), with TFDS's own progress lines replaced by one of ours."""
+    folder would both write it), with TFDS's own progress lines replaced by one of ours.
+
+    Returns the builder to read from: one made after the lock was taken, so a worker
+    that waited while another prepared the data reads what is on disk now (a builder
+    made before reads its empty dataset info: "splits is empty")."""
     import contextlib
     import fcntl
     import io
     import sys
 
+    builder = make_builder()
+    ready = builder.is_prepared()  # its dataset info was read from disk as it was now
     lock = Path(str(builder.data_dir)).parent / ".prepare.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     notices = io.StringIO()
     with open(lock, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            if not ready:  # perhaps another process prepared it meanwhile: read afresh
+                builder = make_builder()
             with contextlib.redirect_stdout(notices):
                 builder.download_and_prepare()
         finally:
@@ -185,12 +193,13 @@ def prepare_quietly(builder) -> None:
             f"deeptrends: prepared {builder.name} {builder.version} in {builder.data_dir}",
             file=sys.stderr,
         )
+    return builder
 
 
 def _from_builder(
-    builder, train_split: str, eval_split: str, fingerprint: str, source: str
+    make_builder, train_split: str, eval_split: str, fingerprint: str, source: str
 ) -> RawSplits:
-    prepare_quietly(builder)
+    builder = prepare_quietly(make_builder)
     info = builder.info
     read_config = tfds.ReadConfig(shuffle_seed=SPLIT_SEED, interleave_cycle_length=1)
     train = builder.as_dataset(
@@ -216,8 +225,14 @@ def load_digits(data_dir: str | None = None) -> RawSplits:
 
     bunch = sk_digits()
     fingerprint = fingerprint_arrays(bunch.images, bunch.target, salt=f"digits/{SPLIT_SEED}")
-    builder = DeeptrendsDigits(data_dir=data_dir or default_tfds_dir())
-    return _from_builder(builder, "train", "test", fingerprint, "tfds:deeptrends_digits")
+    data_dir = data_dir or default_tfds_dir()
+    return _from_builder(
+        lambda: DeeptrendsDigits(data_dir=data_dir),
+        "train",
+        "test",
+        fingerprint,
+        "tfds:deeptrends_digits",
+    )
 
 
 def load_mnist(data_dir: str | None = None, source: str = "auto") -> RawSplits:
@@ -235,17 +250,21 @@ def load_mnist(data_dir: str | None = None, source: str = "auto") -> RawSplits:
         public = tfds.builder("mnist", data_dir=data_dir)
         if public.is_prepared():
             fp = f"tfds-mnist-{public.version}"
-            return _from_builder(public, "train", "test", fp, "tfds:mnist")
+            return _from_builder(lambda: public, "train", "test", fp, "tfds:mnist")
         if source == "tfds":
             raise DataError(
                 f"TFDS 'mnist' is not prepared under {data_dir} (no network to download it)."
             )
     images, labels = read_mnist_idx()
     fingerprint = fingerprint_arrays(images, labels, salt=f"mnist_test/{SPLIT_SEED}")
-    builder = DeeptrendsMnistTest(
-        source_dir=mnist_source_dir(), fingerprint=fingerprint, data_dir=data_dir
-    )
-    return _from_builder(builder, "train", "test", fingerprint, "tfds:deeptrends_mnist_test")
+    source_dir = mnist_source_dir()
+
+    def make():
+        return DeeptrendsMnistTest(
+            source_dir=source_dir, fingerprint=fingerprint, data_dir=data_dir
+        )
+
+    return _from_builder(make, "train", "test", fingerprint, "tfds:deeptrends_mnist_test")
 
 
 # ---------------------------------------------------------------- arrays as tf.data

@@ -34,3 +34,35 @@ def test_changed_idx_files_are_prepared_afresh(mnist_dir, tmp_path, monkeypatch)
     assert after.fingerprint != before.fingerprint
     first = first_image_sum(before)
     assert first_image_sum(after) == 255 * 28 * 28 - first
+
+
+@pytest.mark.slow
+def test_processes_starting_together_on_an_empty_folder_all_read_it(tmp_path):
+    """What two fresh workers of ``deeptrends launch`` do: one prepares under the lock,
+    the others wait and then read what it wrote (they used to read the empty dataset
+    info of a builder made before the data existed: "splits is empty")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from data.arrays import load_digits; "
+        "s = load_digits(sys.argv[1]); print(s.num_train, s.num_eval)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "tfds")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["1437", "360"]
+    assert sum("deeptrends: prepared" in err for _, err in outs) == 1  # prepared once

@@ -349,20 +349,24 @@ def test_every_model_family_trains_two_steps_under_mirrored(ws, index):
     assert result["statistics_spread"] == 0.0, result
 
 
-def test_custom_train_step_model_under_two_workers(ws):
+@pytest.mark.parametrize(
+    "config, budget",
+    [
+        # a custom train step (the ELBO trainer)
+        ("vae-digits", ["train.epochs=3", "task_options.fid_samples=100"]),
+        # the default pipeline as shipped: dropout, augmentation, drop_remainder, BatchNorm-free
+        ("lenet5-digits", ["train.epochs=3"]),
+    ],
+)
+def test_shipped_configs_under_two_workers(ws, config, budget):
     out = _cli(
         "launch",
         "--workers",
         "2",
-        "vae-digits",
-        *_sets(
-            "train.epochs=3",
-            "train.verbose=0",
-            "task_options.fid_samples=100",
-            "export.warmup_requests=1",
-        ),
+        config,
+        *_sets(*budget, "train.verbose=0", "export.warmup_requests=1"),
         "--output-json",
-        "vae.json",
+        "job.json",
         cwd=ws["cwd"],
         env=ws["env"],
         timeout=600,
@@ -371,7 +375,7 @@ def test_custom_train_step_model_under_two_workers(ws):
     import mlflow
 
     client = mlflow.MlflowClient(ws["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("vae-digits").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(config).experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     losses = [
         m.value
@@ -381,3 +385,6 @@ def test_custom_train_step_model_under_two_workers(ws):
     ]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert runs[0].data.params["derived.workers"] == "2"
+    if config == "lenet5-digits":
+        assert runs[0].data.metrics["val_accuracy"] > 0.9, runs[0].data.metrics
+        assert json.loads((ws["cwd"] / "job.json").read_text())["model_version"] == "1"
