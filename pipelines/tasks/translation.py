@@ -73,6 +73,7 @@ class TranslationInfo(DatasetInfo):
     target_vocab_size: int = 0
     source_vocabulary: list[str] = field(default_factory=list)
     target_vocabulary: list[str] = field(default_factory=list)
+    tokenizer: str = "word"
     corpus: dict[str, Any] = field(default_factory=dict)  # the loader's statistics
 
 
@@ -104,6 +105,7 @@ def translator_for(model, info: TranslationInfo) -> Translator:
         info.target_vocabulary,
         int(info.max_source_length),
         max_decode,
+        tokenizer=info.tokenizer,
         name="translator",
     )
 
@@ -167,6 +169,7 @@ class TranslationTask(Task):
             target_vocab_size=len(data.target_vocab),
             source_vocabulary=data.source_vocab,
             target_vocabulary=data.target_vocab,
+            tokenizer=data.tokenizer,
             corpus=dict(raw.stats),
         )
         steps = cfg.train.steps_per_epoch or data.steps_per_epoch
