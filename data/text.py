@@ -13,8 +13,10 @@ words further into WordPiece subwords (keras-hub's ``compute_word_piece_vocabula
 learns them from the training split, ``WordPieceTokenizer`` applies them, in the data
 pipeline and in the serving graph). A WordPiece vocabulary holds every character of the
 training text as a word start and as a ``##`` continuation, so any word made of seen
-characters has pieces and never becomes ``[UNK]``. ``detokenize`` glues ``##`` pieces back
-onto their word, so ``detokenize(tokenize(x)) == standardize(x)`` for both tokenisers.
+characters has pieces and never becomes ``[UNK]``. ``bpe`` learns byte-pair-encoding merges
+of the standardised training text (SentencePiece BPE, every character kept) and applies
+them with keras-hub's ``SentencePieceTokenizer``. ``detokenize`` joins the pieces back, so
+``detokenize(tokens) == detokenize(words)`` of the standardised text for every tokeniser.
 
 Vocabularies are lists, index = id: the reserved tokens first, then the words by falling
 frequency (ties alphabetical). Id 0 is padding (``""``) everywhere. A sequence that a
@@ -26,6 +28,7 @@ as labels (teacher forcing).
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,7 +41,8 @@ PAD, UNK, START, END = "", "[UNK]", "[START]", "[END]"
 SOURCE_RESERVED = (PAD, UNK, END)  # text a model reads
 TARGET_RESERVED = (PAD, UNK, START, END)  # text a model writes
 _PUNCT = r"""([.?!,;:"()¿¡«»„“”])"""
-TOKENIZERS = ("word", "wordpiece")
+TOKENIZERS = ("word", "wordpiece", "bpe")
+SPACE = "\u2581"  # SentencePiece's word-start marker
 SUFFIX = "##"  # WordPiece's continuation marker
 _PIECE_PAD = "[PAD]"  # id 0 as keras-hub's tokenizer sees it (our vocabularies write "")
 
@@ -55,13 +59,18 @@ def standardize(text: tf.Tensor) -> tf.Tensor:
     return tf.strings.strip(text)
 
 
-def detokenize(tokens: tf.Tensor, pieces: bool = False) -> tf.Tensor:
-    """string tokens [B, T] ("" = none) -> sentences [B]: joined (with ``pieces``, the
-    ``##`` WordPiece continuations glued to their word), no space before . , ! ? ; :"""
-    text = tf.strings.reduce_join(tokens, axis=-1, separator=" ")
+def detokenize(tokens: tf.Tensor, tokenizer: str = "word") -> tf.Tensor:
+    """string tokens [B, T] ("" = none) -> sentences [B]: joined as ``tokenizer`` wrote
+    them (``word``: with spaces; ``wordpiece``: ``##`` continuations glued to their word;
+    ``bpe``: pieces concatenated, ``\u2581`` a space), no space before . , ! ? ; :"""
+    if tokenizer == "bpe":
+        text = tf.strings.reduce_join(tokens, axis=-1)
+        text = tf.strings.regex_replace(text, SPACE, " ")
+    else:
+        text = tf.strings.reduce_join(tokens, axis=-1, separator=" ")
     text = tf.strings.regex_replace(text, r"\s+", " ")
     text = tf.strings.strip(text)
-    if pieces:  # (a leading continuation glues to nothing)
+    if tokenizer == "wordpiece":  # (a leading continuation glues to nothing)
         text = tf.strings.regex_replace(text, r"(^| )" + SUFFIX, "")
     return tf.strings.regex_replace(text, r" ([.?!,;:])", r"\1")
 
@@ -150,10 +159,81 @@ def piece_ids(tokenizer, sentences: tf.Tensor) -> tf.RaggedTensor:
     return tokenizer(words)  # (keras-hub merges the word and piece dimensions)
 
 
+@functools.lru_cache(maxsize=8)
+def _piece_function(vocabulary: tuple[str, ...]):
+    tokenizer = word_piece_tokenizer(vocabulary)
+    return tf.function(lambda x: piece_ids(tokenizer, x), reduce_retracing=True)
+
+
 def tokenize_pieces(sentences: Sequence[str], vocabulary: Sequence[str], batch: int = 4096):
     """Python strings -> WordPiece token lists (the serving graph's ``piece_ids``)."""
-    tokenizer = word_piece_tokenizer(vocabulary)
-    fn = tf.function(lambda x: piece_ids(tokenizer, x), reduce_retracing=True)
+    fn = _piece_function(tuple(vocabulary))
+    out: list[list[str]] = []
+    for i in range(0, len(sentences), batch):
+        ids = fn(tf.constant(list(sentences[i : i + batch]), dtype=tf.string))
+        out.extend([vocabulary[j] for j in row] for row in ids.to_list())
+    return out
+
+
+def learn_bpe(sentences: Sequence[str], size: int) -> tuple[bytes, list[str]]:
+    """A byte-pair-encoding model (SentencePiece BPE, every character of the text kept)
+    learned from standardised training sentences, and its vocabulary (index = id: ``""``
+    padding, ``[UNK]``, ``[START]``, ``[END]``, then the pieces; ``\u2581`` starts a word).
+
+    Args:
+        sentences: list of str. The training text only (``standardized``).
+        size: int. The vocabulary size aimed at (fewer when the text has fewer pieces).
+    """
+    import io
+
+    import sentencepiece as spm
+
+    if not any(s.strip() for s in sentences):
+        raise DataError("data.tokenizer: bpe: the training text has no words to learn from")
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(sentences)),
+        model_writer=writer,
+        vocab_size=int(size),
+        model_type="bpe",
+        character_coverage=1.0,  # every training character is a piece: no [UNK] for them
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",  # standardize() normalised already
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece=_PIECE_PAD,
+        unk_piece=UNK,
+        bos_piece=START,
+        eos_piece=END,
+        minloglevel=2,
+    )
+    proto = writer.getvalue()
+    processor = spm.SentencePieceProcessor(model_proto=proto)
+    vocabulary = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    return proto, [PAD, *vocabulary[1:]]
+
+
+def bpe_tokenizer(proto: bytes):
+    """keras-hub's ``SentencePieceTokenizer`` over a ``learn_bpe`` model: string [B] ->
+    ids (ragged [B, T])."""
+    from keras_hub.tokenizers import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(proto=proto, dtype="int32")
+
+
+def bpe_ids(tokenizer, sentences: tf.Tensor) -> tf.RaggedTensor:
+    """string [B] -> BPE ids, ragged [B, T], of the standardised text (in a graph)."""
+    if tf.executing_eagerly():
+        return tf.function(lambda x: bpe_ids(tokenizer, x))(sentences)
+    return tokenizer(standardize(sentences))
+
+
+def tokenize_bpe(sentences: Sequence[str], proto: bytes, vocabulary: Sequence[str], batch=4096):
+    """Python strings -> BPE piece lists (the serving graph's ``bpe_ids``)."""
+    tokenizer = bpe_tokenizer(proto)
+    fn = tf.function(lambda x: bpe_ids(tokenizer, x), reduce_retracing=True)
     out: list[list[str]] = []
     for i in range(0, len(sentences), batch):
         ids = fn(tf.constant(list(sentences[i : i + batch]), dtype=tf.string))

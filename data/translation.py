@@ -39,8 +39,11 @@ from data.text import (
     check_tokenizer,
     encode_ids,
     encode_targets,
+    learn_bpe,
     learn_word_pieces,
+    standardized,
     tokenize,
+    tokenize_bpe,
     tokenize_pieces,
     trim_padding,
     utf8_payload,
@@ -323,6 +326,7 @@ class TranslationData:
     steps_per_epoch: int
     dropped_long: int
     tokenizer: str = "word"
+    source_model: bytes = b""  # bpe: the source's SentencePiece model (serving tokenises with it)
 
 
 def build_translation_datasets(
@@ -349,8 +353,8 @@ def build_translation_datasets(
         source_vocab_size: int or None. Cap of the source vocabulary (reserved included).
         target_vocab_size: int or None. Cap of the target vocabulary (reserved included).
         min_count: int. Rarer training words become ``[UNK]`` (``word`` only).
-        tokenizer: str. ``word`` or ``wordpiece`` (subwords learned from the training
-            split, vocabulary sizes as aimed at; ``max_length`` counts pieces).
+        tokenizer: str. ``word``, ``wordpiece`` or ``bpe`` (subwords learned from the
+            training split, vocabulary sizes as aimed at; ``max_length`` counts pieces).
         seed: int. The shuffle seed of the training stream. The stream repeats before it
             is shuffled and batched, so no batch is partial (for any replica count); an
             epoch is ``ceil(pairs / batch_size)`` batches.
@@ -358,7 +362,17 @@ def build_translation_datasets(
     check_tokenizer(tokenizer)
     train_src, train_tgt = raw.splits["train"]
     src_tokens, tgt_tokens = tokenize(train_src), tokenize(train_tgt)
-    if tokenizer == "wordpiece":  # pieces learned from every training sentence's words
+    source_model = b""
+    if tokenizer == "bpe":  # merges learned from every standardised training sentence
+        source_model, source_vocab = learn_bpe(standardized(train_src), source_vocab_size or 8000)
+        target_model, target_vocab = learn_bpe(standardized(train_tgt), target_vocab_size or 8000)
+
+        def split(sentences, vocab):
+            model = source_model if vocab is source_vocab else target_model
+            return tokenize_bpe(sentences, model, vocab)
+
+        src_tokens, tgt_tokens = split(train_src, source_vocab), split(train_tgt, target_vocab)
+    elif tokenizer == "wordpiece":  # pieces learned from every training sentence's words
         source_vocab = learn_word_pieces(src_tokens, SOURCE_RESERVED, source_vocab_size or 8000)
         target_vocab = learn_word_pieces(tgt_tokens, TARGET_RESERVED, target_vocab_size or 8000)
 
@@ -434,4 +448,5 @@ def build_translation_datasets(
         steps_per_epoch=max(1, -(-n // batch_size)),
         dropped_long=dropped,
         tokenizer=tokenizer,
+        source_model=source_model,
     )

@@ -27,6 +27,7 @@ are those of models logged before this module existed; keep them.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -38,6 +39,8 @@ from data.text import (
     END,
     START,
     UNK,
+    bpe_ids,
+    bpe_tokenizer,
     check_tokenizer,
     output_words,
     piece_ids,
@@ -122,7 +125,7 @@ class TextDecoder(keras.Model):
     def detokenize(self, ids):
         """target ids [B, T] -> string [B]; padding, [START] and [END] print as nothing."""
         words = tf.gather(tf.constant(output_words(self.target_vocabulary)), ids)
-        return join_tokens(words, pieces=self.tokenizer == "wordpiece")
+        return join_tokens(words, self.tokenizer)
 
     def decode(self, prepared, beam_width: int = 1, length_penalty: float = 0.0):
         """Network inputs -> (ids [B, T], scores [B], attention [B, T, S] or None)."""
@@ -191,8 +194,9 @@ class Translator(TextDecoder):
         target_vocabulary: list. Target tokens (``""``, ``[UNK]``, ``[START]``, ``[END]`` first).
         max_source_length: int. Longer inputs are truncated to this many tokens (with ``[END]``).
         max_decode_length: int. The most target tokens generated.
-        tokenizer: str. ``word`` (the source looked up by word) or ``wordpiece`` (split
-            into the source vocabulary's WordPiece subwords, in the graph).
+        tokenizer: str. ``word`` (the source looked up by word), ``wordpiece`` (split
+            into the source vocabulary's WordPiece subwords, in the graph) or ``bpe``.
+        source_model: str. ``bpe``: the source's SentencePiece BPE model, base64.
     """
 
     network_attribute = "seq2seq"
@@ -207,12 +211,18 @@ class Translator(TextDecoder):
         max_source_length,
         max_decode_length,
         tokenizer="word",
+        source_model="",
         **kwargs,
     ):
         super().__init__(seq2seq, target_vocabulary, max_decode_length, tokenizer, **kwargs)
         self.source_vocabulary = list(source_vocabulary)
         self.max_source_length = int(max_source_length)
-        if self.tokenizer == "wordpiece":
+        self.source_model = str(source_model or "")
+        if self.tokenizer == "bpe":
+            if not self.source_model:
+                raise ValueError("Translator: tokenizer 'bpe' needs `source_model`.")
+            self.source_bpe = bpe_tokenizer(base64.b64decode(self.source_model))
+        elif self.tokenizer == "wordpiece":
             self.source_pieces = word_piece_tokenizer(self.source_vocabulary)
         else:
             self.source_lookup = keras.layers.StringLookup(
@@ -226,6 +236,9 @@ class Translator(TextDecoder):
     def source_ids(self, sentences):
         """string [B] -> source ids int32 [B, <= max_source_length - 1], 0-padded."""
         keep = self.max_source_length - 1
+        if self.tokenizer == "bpe":
+            ids = tf.cast(bpe_ids(self.source_bpe, sentences), tf.int32)
+            return ids[:, :keep].to_tensor(default_value=0)
         if self.tokenizer == "wordpiece":
             ids = tf.cast(piece_ids(self.source_pieces, sentences), tf.int32)
             return ids[:, :keep].to_tensor(default_value=0)
@@ -255,6 +268,7 @@ class Translator(TextDecoder):
             "max_source_length": self.max_source_length,
             "max_decode_length": self.max_decode_length,
             "tokenizer": self.tokenizer,
+            "source_model": self.source_model,
         }
 
     @classmethod

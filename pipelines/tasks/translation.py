@@ -26,6 +26,7 @@ Tags: ``bleu.signature``, ``decode.beam_width``, ``decode.length_penalty``.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import inspect
 import json
@@ -39,6 +40,7 @@ import numpy as np
 import models
 import models.seq2seq  # noqa: F401 - registers Seq2Seq for loading saved translators
 from data.catalog import check_options, get_dataset
+from data.text import TOKENIZERS
 from data.translation import ParallelSplits, build_translation_datasets
 from pipelines.callbacks import EpochTimer, ValidationMetric
 from pipelines.config import ConfigError, ExperimentConfig
@@ -77,6 +79,7 @@ class TranslationInfo(DatasetInfo):
     source_vocabulary: list[str] = field(default_factory=list)
     target_vocabulary: list[str] = field(default_factory=list)
     tokenizer: str = "word"
+    source_model: str = ""  # bpe: the source's SentencePiece BPE model, base64
     corpus: dict[str, Any] = field(default_factory=dict)  # the loader's statistics
 
 
@@ -109,6 +112,7 @@ def translator_for(model, info: TranslationInfo) -> Translator:
         int(info.max_source_length),
         max_decode,
         tokenizer=info.tokenizer,
+        source_model=info.source_model,
         name="translator",
     )
 
@@ -133,6 +137,11 @@ class TranslationTask(Task):
             raise ConfigError(
                 f"data.name: task 'translation' reads translation datasets; "
                 f"{config.data.name!r} is {entry.kind!r}."
+            )
+        tokenizer = config.data.options().get("tokenizer", "word")
+        if tokenizer not in TOKENIZERS:
+            raise ConfigError(
+                f"data.tokenizer must be one of {list(TOKENIZERS)}. Received: {tokenizer!r}"
             )
         if config.train.bptt_steps:
             raise ConfigError(
@@ -173,6 +182,7 @@ class TranslationTask(Task):
             source_vocabulary=data.source_vocab,
             target_vocabulary=data.target_vocab,
             tokenizer=data.tokenizer,
+            source_model=base64.b64encode(data.source_model).decode("ascii"),
             corpus=dict(raw.stats),
         )
         steps = cfg.train.steps_per_epoch or data.steps_per_epoch

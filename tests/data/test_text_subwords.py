@@ -17,9 +17,11 @@ from data.text import (  # noqa: E402
     UNK,
     check_tokenizer,
     detokenize,
+    learn_bpe,
     learn_word_pieces,
     standardized,
     tokenize,
+    tokenize_bpe,
     tokenize_pieces,
 )
 
@@ -43,7 +45,7 @@ def vocabulary():
 
 def _joined(token_lists):
     tokens = tf.ragged.constant(token_lists, dtype=tf.string).to_tensor("")
-    return [s.decode() for s in detokenize(tokens, pieces=True).numpy()]
+    return [s.decode() for s in detokenize(tokens, "wordpiece").numpy()]
 
 
 def test_reserved_first_and_every_character_kept(vocabulary):
@@ -67,6 +69,21 @@ def test_round_trip_and_no_unk_for_seen_characters(vocabulary):
     assert UNK in tokenize_pieces(["Ich habe Ωmega."], vocabulary)[0]
 
 
+def test_bpe_round_trip_and_no_unk_for_seen_characters():
+    proto, vocabulary = learn_bpe(standardized(TRAIN), 120)
+    assert tuple(vocabulary[:4]) == TARGET_RESERVED
+    texts = TRAIN[:8] + UNSEEN
+    pieces = tokenize_bpe(texts, proto, vocabulary)
+    assert all(UNK not in p for p in pieces), pieces
+    tokens = tf.ragged.constant(pieces, dtype=tf.string).to_tensor("")
+    got = [s.decode() for s in detokenize(tokens, "bpe").numpy()]
+    words = [detokenize(tf.constant([s.split()])).numpy()[0].decode() for s in standardized(texts)]
+    assert got == words
+    assert UNK in tokenize_bpe(["Ich habe Ωmega."], proto, vocabulary)[0]
+
+
 def test_unknown_tokenizer_is_a_data_error():
-    with pytest.raises(DataError, match=r"data.tokenizer must be one of \['word', 'wordpiece'\]"):
+    with pytest.raises(
+        DataError, match=r"data.tokenizer must be one of \['word', 'wordpiece', 'bpe'\]"
+    ):
         check_tokenizer("sentencepiece")

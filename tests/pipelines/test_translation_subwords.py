@@ -20,12 +20,13 @@ from tests.pipelines.test_translation import ODD, _config, _corpus  # noqa: E402
 UNSEEN = ["Hundebaum.", "Ich sehe einen Katzenhausbaum.", "Rotblau gross.", "Wirsiehtsie"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", params=["wordpiece", "bpe"])
+def trained(tmp_path_factory, request):
     keras.utils.set_random_seed(0)
     path = _corpus(tmp_path_factory.mktemp("nmt-wp") / "tiny.tsv", 104)
     config = _config(path)
-    config.data.tokenizer = "wordpiece"
+    config.data.tokenizer = request.param
+    config.data.source_vocab_size = config.data.target_vocab_size = 60
     task = TranslationTask(RunContext(config))
     inputs = task.build_inputs()
     model = task.build_model(inputs)
@@ -36,10 +37,11 @@ def trained(tmp_path_factory):
 def test_subword_vocabularies_from_training(trained):
     task, inputs, _ = trained
     info = inputs.info
-    assert info.tokenizer == "wordpiece"
+    assert info.tokenizer == task.config.data.tokenizer
     train_chars = {c for s in inputs.data.raw.splits["train"][0] for c in s.lower() if c != " "}
-    assert all(c in info.source_vocabulary for c in train_chars)
-    assert any(t.startswith(SUFFIX) for t in info.target_vocabulary)
+    pieces = "".join(info.source_vocabulary)
+    assert all(c in pieces for c in train_chars)
+    assert len(info.target_vocabulary) <= 60 + 2 * len(train_chars)  # subwords, not all words
 
 
 @pytest.mark.slow
@@ -57,7 +59,7 @@ def test_exported_subword_model_never_writes_unk(trained, tmp_path):
     want = serving.model.generate_fn()(tf.constant(sentences))
     np.testing.assert_array_equal(got["translations"].numpy(), want["translations"].numpy())
     texts = [t.decode() for t in got["translations"].numpy()]
-    assert not [t for t in texts if UNK in t or SUFFIX in t], texts
+    assert not [t for t in texts if UNK in t or SUFFIX in t or "\u2581" in t], texts
     # the unseen source words were split into pieces, not looked up as [UNK]
     ids = serving.model.prepare(tf.constant(UNSEEN)).numpy()
     assert 1 not in ids  # id 1 is [UNK]
@@ -65,5 +67,15 @@ def test_exported_subword_model_never_writes_unk(trained, tmp_path):
     path = tmp_path / "translator.keras"
     serving.model.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.tokenizer == "wordpiece"
+    assert loaded.tokenizer == task.config.data.tokenizer
     assert loaded.generate(UNSEEN) == serving.model.generate(UNSEEN)
+
+
+def test_tokenizer_is_checked_before_anything_runs(tmp_path):
+    from pipelines.config import ConfigError, validate_config
+    from pipelines.train import check_config
+
+    raw = _config(tmp_path / "corpus.tsv").to_dict()
+    raw["data"]["tokenizer"] = "sentencepiece"
+    with pytest.raises(ConfigError, match=r"data.tokenizer must be one of \['word', 'wordpiece'"):
+        check_config(validate_config(raw))
