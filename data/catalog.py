@@ -153,6 +153,7 @@ register_dataset(
 )
 # tokenisation options of every translation dataset (read by the translation task)
 _TEXT_OPTIONS = {
+    "tokenizer": "word",  # word | wordpiece | bpe (data/text.py)
     "max_length": 40,
     "source_vocab_size": 20000,
     "target_vocab_size": 20000,

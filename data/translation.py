@@ -13,8 +13,9 @@ repeats sentences with several translations).
 
 Tokenisation and vocabularies are ``data.text``'s (the same in-graph ``standardize`` runs
 in the data pipeline and in the exported serving graph). Vocabularies come from the
-training split only. The tokenisation options (``max_length``, ``source_vocab_size``,
-``target_vocab_size``, ``min_count``) are declared, with their defaults, once: in the
+training split only: words (``tokenizer: word``) or WordPiece subwords
+(``tokenizer: wordpiece``). The tokenisation options (``tokenizer``, ``max_length``,
+``source_vocab_size``, ``target_vocab_size``, ``min_count``) are declared, with their defaults, once: in the
 dataset catalog's entries (``data/catalog.py``); ``build_translation_datasets`` takes them
 as keyword arguments, the loaders take the rest.
 """
@@ -35,9 +36,15 @@ from data.text import (
     SOURCE_RESERVED,
     TARGET_RESERVED,
     build_vocabulary,
+    check_tokenizer,
     encode_ids,
     encode_targets,
+    learn_bpe,
+    learn_word_pieces,
+    standardized,
     tokenize,
+    tokenize_bpe,
+    tokenize_pieces,
     trim_padding,
     utf8_payload,
 )
@@ -318,6 +325,8 @@ class TranslationData:
     num_train: int
     steps_per_epoch: int
     dropped_long: int
+    tokenizer: str = "word"
+    source_model: bytes = b""  # bpe: the source's SentencePiece model (serving tokenises with it)
 
 
 def build_translation_datasets(
@@ -328,6 +337,7 @@ def build_translation_datasets(
     source_vocab_size: int | None,
     target_vocab_size: int | None,
     min_count: int,
+    tokenizer: str = "word",
     seed: int = 42,
 ) -> TranslationData:
     """Vocabularies from the training split, id tensors, batched tf.data pipelines.
@@ -342,13 +352,39 @@ def build_translation_datasets(
         max_length: int. The most tokens of a training sentence (either side).
         source_vocab_size: int or None. Cap of the source vocabulary (reserved included).
         target_vocab_size: int or None. Cap of the target vocabulary (reserved included).
-        min_count: int. Rarer training words become ``[UNK]``.
+        min_count: int. Rarer training words become ``[UNK]`` (``word`` only).
+        tokenizer: str. ``word``, ``wordpiece`` or ``bpe`` (subwords learned from the
+            training split, vocabulary sizes as aimed at; ``max_length`` counts pieces).
         seed: int. The shuffle seed of the training stream. The stream repeats before it
             is shuffled and batched, so no batch is partial (for any replica count); an
             epoch is ``ceil(pairs / batch_size)`` batches.
     """
+    check_tokenizer(tokenizer)
     train_src, train_tgt = raw.splits["train"]
     src_tokens, tgt_tokens = tokenize(train_src), tokenize(train_tgt)
+    source_model = b""
+    if tokenizer == "bpe":  # merges learned from every standardised training sentence
+        source_model, source_vocab = learn_bpe(standardized(train_src), source_vocab_size or 8000)
+        target_model, target_vocab = learn_bpe(standardized(train_tgt), target_vocab_size or 8000)
+
+        def split(sentences, vocab):
+            model = source_model if vocab is source_vocab else target_model
+            return tokenize_bpe(sentences, model, vocab)
+
+        src_tokens, tgt_tokens = split(train_src, source_vocab), split(train_tgt, target_vocab)
+    elif tokenizer == "wordpiece":  # pieces learned from every training sentence's words
+        source_vocab = learn_word_pieces(src_tokens, SOURCE_RESERVED, source_vocab_size or 8000)
+        target_vocab = learn_word_pieces(tgt_tokens, TARGET_RESERVED, target_vocab_size or 8000)
+
+        def split(sentences, vocab):
+            return tokenize_pieces(sentences, vocab)
+
+        src_tokens, tgt_tokens = split(train_src, source_vocab), split(train_tgt, target_vocab)
+    else:
+
+        def split(sentences, vocab):
+            return tokenize(sentences)
+
     keep = [
         i
         for i, (s, t) in enumerate(zip(src_tokens, tgt_tokens, strict=True))
@@ -361,8 +397,9 @@ def build_translation_datasets(
     dropped = len(src_tokens) - len(keep)
     src_tokens = [src_tokens[i] for i in keep]
     tgt_tokens = [tgt_tokens[i] for i in keep]
-    source_vocab = build_vocabulary(src_tokens, SOURCE_RESERVED, source_vocab_size, min_count)
-    target_vocab = build_vocabulary(tgt_tokens, TARGET_RESERVED, target_vocab_size, min_count)
+    if tokenizer == "word":
+        source_vocab = build_vocabulary(src_tokens, SOURCE_RESERVED, source_vocab_size, min_count)
+        target_vocab = build_vocabulary(tgt_tokens, TARGET_RESERVED, target_vocab_size, min_count)
     s_len = max(len(s) for s in src_tokens) + 1
     t_len = max(len(t) for t in tgt_tokens) + 1
 
@@ -388,7 +425,11 @@ def build_translation_datasets(
         .prefetch(tf.data.AUTOTUNE)
     )
     val_src, val_tgt = raw.splits["validation"]
-    vs, vin, vout = arrays(tokenize(val_src), tokenize(val_tgt)) if val_src else arrays([[]], [[]])
+    vs, vin, vout = (
+        arrays(split(val_src, source_vocab), split(val_tgt, target_vocab))
+        if val_src
+        else arrays([[]], [[]])
+    )
     validation = (
         tf.data.Dataset.from_tensor_slices((vs, vin, vout))
         .batch(batch_size)
@@ -406,4 +447,6 @@ def build_translation_datasets(
         num_train=n,
         steps_per_epoch=max(1, -(-n // batch_size)),
         dropped_long=dropped,
+        tokenizer=tokenizer,
+        source_model=source_model,
     )

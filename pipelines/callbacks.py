@@ -252,3 +252,133 @@ class ResetStates(keras.callbacks.Callback):
 
     def on_test_end(self, logs=None):
         reset_recurrent_states(self.model)
+
+
+class ValidationMetric(keras.callbacks.Callback):
+    """Adds ``name`` = ``compute(model)`` to every epoch's logs (after validation, every
+    ``validation_freq`` epochs), where later callbacks (``BestWeights``, the history) see
+    it, and hands it to ``sink`` with the epoch as step (the validation BLEU of
+    translation on a fixed sample).
+
+    Args:
+        name: str. The log name (``val_bleu``).
+        compute: callable. ``compute(model) -> float``.
+        validation_freq: int. Epochs between computations.
+        sink: callable or None. ``sink(metrics, step)``.
+    """
+
+    def __init__(self, name: str, compute, validation_freq: int = 1, sink=None):
+        super().__init__()
+        self.name, self.compute = name, compute
+        self.validation_freq, self.sink = int(validation_freq), sink
+        self.values: list[tuple[int, float]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.validation_freq:
+            return
+        value = float(self.compute(self.model))
+        logs[self.name] = value
+        self.values.append((epoch + 1, value))
+        if self.sink is not None:
+            self.sink({self.name: value}, epoch + 1)
+
+
+def monitor_mode(monitor: str) -> str:
+    """``min`` for losses and errors (``val_loss``, ``val_perplexity``...), else ``max``."""
+    low = ("loss", "error", "perplexity", "mse", "mae", "fid", "elbo")
+    return "min" if any(word in monitor for word in low) else "max"
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Model selection by validation: keeps a copy of the weights of the epoch with the
+    best ``monitor`` (``val_loss``, ``val_bleu``...) and puts them back when training ends,
+    so they are the ones evaluated, exported and registered; with ``patience``, stops
+    training after that many epochs without improvement (early stopping).
+
+    The copy, the best value, its epoch and the patience count are ``tf.Variable``s in
+    ``state`` (a ``tf.Module``), which the training checkpoint saves
+    (``TrainingCheckpoint.track``): a run killed and resumed selects the same epoch as
+    an uninterrupted one. Keras' ``EarlyStopping(restore_best_weights=True)`` keeps its
+    copy in Python, lost at a restart.
+
+    Args:
+        model: keras.Model. The trained model (its ``weights`` are copied).
+        monitor: str. The epoch log to select by; epochs without it (``validation_freq``)
+            are skipped, a run that never has it is an error naming the logs it has.
+        mode: str. ``min``, ``max`` or ``auto`` (``monitor_mode``).
+        patience: int or None. Early stopping after this many epochs without improvement.
+        sink: callable or None. ``sink(metrics, step)`` receives ``selected_epoch`` and
+            ``selected_<monitor>`` when training ends.
+    """
+
+    def __init__(
+        self, model, monitor: str = "val_loss", mode: str = "auto", patience=None, sink=None
+    ):
+        super().__init__()
+        if not model.weights:
+            raise RuntimeError("BestWeights: build the model first (it has no weights yet)")
+        if mode not in ("min", "max", "auto"):
+            raise ValueError(f"mode must be 'min', 'max' or 'auto'. Received: mode={mode!r}")
+        self.monitor = monitor
+        self.mode = monitor_mode(monitor) if mode == "auto" else mode
+        self.patience = patience
+        self.sink = sink
+        worst = float("inf") if self.mode == "min" else float("-inf")
+        state = tf.Module(name="best_weights")
+        with tf.init_scope():
+            state.value = tf.Variable(worst, dtype=tf.float64, trainable=False, name="best_value")
+            state.epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_epoch")
+            state.wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="best_wait")
+            state.weights = [
+                tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"best_{i}")
+                for i, w in enumerate(model.weights)
+            ]
+        self.state = state
+        self.set_model(model)
+
+    @property
+    def best(self) -> float:
+        return float(self.state.value.numpy())
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The selected epoch, 1-based (None: none yet)."""
+        epoch = int(self.state.epoch.numpy())
+        return epoch + 1 if epoch >= 0 else None
+
+    def _better(self, value: float) -> bool:
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            if any(k.startswith("val_") for k in logs):
+                from pipelines.config import ConfigError
+
+                raise ConfigError(
+                    f"train.select_best: {self.monitor!r} is not an epoch log of this run. "
+                    f"Accepted: {', '.join(sorted(k for k in logs if k.startswith('val_')))}."
+                )
+            return  # no validation this epoch
+        value = float(logs[self.monitor])
+        if self._better(value):
+            for copy, weight in zip(self.state.weights, self.model.weights, strict=True):
+                copy.assign(weight)
+            self.state.value.assign(value)
+            self.state.epoch.assign(epoch)
+            self.state.wait.assign(0)
+        else:
+            self.state.wait.assign_add(1)
+            if self.patience and int(self.state.wait.numpy()) >= self.patience:
+                self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_epoch is None:
+            return
+        for weight, copy in zip(self.model.weights, self.state.weights, strict=True):
+            weight.assign(copy)
+        if self.sink is not None:
+            self.sink(
+                {"selected_epoch": float(self.best_epoch), f"selected_{self.monitor}": self.best},
+                None,
+            )

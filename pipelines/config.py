@@ -136,7 +136,16 @@ class TrainConfig(_Section):
     validation_freq: Count = 1
     checkpoint_every_steps: Count | None = Field(None, description="also checkpoint every N steps")
     scale_learning_rate: bool = Field(False, description="linear scaling: lr x replicas")
-    early_stopping_patience: Count | None = None
+    early_stopping_patience: Count | None = Field(
+        None, description="stop after N epochs without a better select_best (default val_loss)"
+    )
+    select_best: str | None = Field(
+        None,
+        pattern=r"^val_[A-Za-z0-9_]+$",
+        description="model selection: the weights of the epoch with the best value of this "
+        "validation log (val_loss, val_bleu...) are evaluated, exported and registered; "
+        "checkpointed, so a resumed run selects the same epoch",
+    )
     tensorboard: bool = False
     verbose: Literal[0, 1, 2] = 1
 

@@ -216,6 +216,12 @@ class TrainingCheckpoint(keras.callbacks.Callback):
             self._manager.checkpoint.restore(self._restored).assert_existing_objects_matched()
         return len(new)
 
+    def track(self, name: str, trackable) -> None:
+        """Checkpoint ``trackable`` (a ``tf.Module`` a callback keeps, such as the best
+        weights of model selection) as ``name``; before ``restore``, which restores it."""
+        assert self._manager is not None, "attach(model) first"
+        setattr(self._manager.checkpoint, name, trackable)
+
     @property
     def restored(self) -> bool:
         """True after ``restore`` found a checkpoint."""

@@ -235,9 +235,12 @@ def fit_model(
         )
     if model is None:
         model = build_model(task, inputs, context)
+    selection = best_weights(config, model, tracker)
     with strategy.scope():
         if checkpoint is not None:
             checkpoint.attach(model)
+            if selection is not None:  # the best weights and their value resume too
+                checkpoint.track("best_weights", selection.state)
             restored = checkpoint.restore() if slot.resuming else loop.Position()
             if restored != start:
                 raise RuntimeError(
@@ -249,16 +252,11 @@ def fit_model(
         keras.callbacks.TerminateOnNaN(),
         *task.callbacks(inputs, run_dir),
         *extra_callbacks,
+        *([selection] if selection is not None else []),
         HistoryRecorder(history, slot.save_history if slot is not None else None),
     ]
     if config.train.tensorboard and context.chief:
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
-    if config.train.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                patience=config.train.early_stopping_patience, restore_best_weights=True
-            )
-        )
     loop.fit(
         model,
         strategy,
@@ -279,6 +277,22 @@ def fit_model(
             "lower train.learning_rate or set train.global_clipnorm."
         )
     return model, history
+
+
+def best_weights(config, model, tracker=None):
+    """The model-selection callback of ``train.select_best`` / ``train.early_stopping_patience``
+    (monitor ``val_loss`` unless ``select_best`` names another), or None."""
+    from pipelines.callbacks import BestWeights
+
+    train = config.train
+    if not (train.select_best or train.early_stopping_patience):
+        return None
+    return BestWeights(
+        model,
+        monitor=train.select_best or "val_loss",
+        patience=train.early_stopping_patience,
+        sink=tracker.sink if tracker is not None else None,
+    )
 
 
 def resume_point(start, epochs: int) -> str | None:

@@ -4,6 +4,10 @@ modelling, captioning).
 - ``corpus_bleu``: sacrebleu corpus BLEU, lower-cased, 13a tokenisation, with the
   signature that makes a score reproducible (``nrefs:1|case:lc|eff:no|tok:13a|...``);
   one or several references per hypothesis (captions have five).
+- ``corpus_bleu(..., punctuation=False)``: the same BLEU with punctuation removed from
+  both sides (``strip_punctuation``), the other convention seen in references (signature
+  ``...|punct:removed``).
+- ``corpus_chrf``: sacrebleu chrF (character 6-grams, beta 2), with its signature.
 - ``exact_match``: the share of hypotheses equal to a reference after ``data.text``
   standardisation (case and punctuation spacing do not count).
 - Keras training metrics over 0-padded token labels: ``MaskedAccuracy`` (teacher-forced
@@ -15,6 +19,7 @@ modelling, captioning).
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,21 +43,51 @@ def _references_by_position(references: Sequence[str | Sequence[str]]) -> list[l
     return [[refs[k] if k < len(refs) else None for refs in per_item] for k in range(width)]
 
 
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> BleuScore:
+def strip_punctuation(text: str) -> str:
+    """``text`` without Unicode punctuation (categories P*), single spaces."""
+    kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(kept.split())
+
+
+def _checked(name: str, hypotheses, references):
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{name}: {len(hypotheses)} hypotheses but {len(references)} references.")
+    return _references_by_position(references)
+
+
+def corpus_bleu(
+    hypotheses: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    punctuation: bool = True,
+) -> BleuScore:
     """sacrebleu corpus BLEU, lower-cased, 13a tokenisation.
 
     Args:
         hypotheses: list of str. One generated sentence per example.
         references: list of str, or of lists of str. The reference(s) of each example.
+        punctuation: bool. False: punctuation removed from both sides first
+            (``strip_punctuation``; the signature ends in ``|punct:removed``).
     """
     import sacrebleu
 
-    if len(hypotheses) != len(references):
-        raise ValueError(
-            f"corpus_bleu: {len(hypotheses)} hypotheses but {len(references)} references."
-        )
+    streams = _checked("corpus_bleu", hypotheses, references)
+    hyps = list(hypotheses)
+    if not punctuation:
+        hyps = [strip_punctuation(h) for h in hyps]
+        streams = [[None if r is None else strip_punctuation(r) for r in s] for s in streams]
     metric = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
-    result = metric.corpus_score(list(hypotheses), _references_by_position(references))
+    result = metric.corpus_score(hyps, streams)
+    signature = str(metric.get_signature()) + ("" if punctuation else "|punct:removed")
+    return BleuScore(float(result.score), signature)
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> BleuScore:
+    """sacrebleu corpus chrF (character 6-grams, beta 2, case-sensitive), 0..100."""
+    import sacrebleu
+
+    streams = _checked("corpus_chrf", hypotheses, references)
+    metric = sacrebleu.metrics.CHRF()
+    result = metric.corpus_score(list(hypotheses), streams)
     return BleuScore(float(result.score), str(metric.get_signature()))
 
 
@@ -119,6 +154,37 @@ def masked_token_loss(y_true, y_pred):
     ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
     mask = _token_mask(y_true, ce.dtype)
     return keras.ops.sum(ce * mask) / keras.ops.maximum(keras.ops.sum(mask), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class SmoothedTokenLoss(keras.losses.Loss):
+    """Token cross-entropy from logits with label smoothing (Szegedy et al. 2016; the
+    target mixes ``1 - smoothing`` on the label with ``smoothing`` spread uniformly over
+    the vocabulary), averaged over non-padding labels (label 0 is padding). With
+    ``smoothing=0`` it is ``SparseCategoricalCrossentropy(ignore_class=0)``.
+
+    Args:
+        smoothing: float. 0 <= smoothing < 1.
+    """
+
+    def __init__(self, smoothing: float = 0.0, name: str = "smoothed_token_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not 0.0 <= float(smoothing) < 1.0:
+            raise ValueError(f"`smoothing` must be in [0, 1). Received: smoothing={smoothing!r}")
+        self.smoothing = float(smoothing)
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.cast(y_true, "int32")
+        log_probs = keras.ops.log_softmax(keras.ops.cast(y_pred, "float32"), axis=-1)
+        nll = -keras.ops.squeeze(
+            keras.ops.take_along_axis(log_probs, keras.ops.expand_dims(labels, -1), axis=-1), -1
+        )
+        loss = (1.0 - self.smoothing) * nll - self.smoothing * keras.ops.mean(log_probs, axis=-1)
+        mask = _token_mask(labels, loss.dtype)
+        return keras.ops.sum(loss * mask) / keras.ops.maximum(keras.ops.sum(mask), 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing}
 
 
 # ---------------------------------------------------------------- sample tables

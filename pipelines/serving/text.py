@@ -27,6 +27,7 @@ are those of models logged before this module existed; keep them.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -34,7 +35,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data.text import END, START, output_words, standardize
+from data.text import (
+    END,
+    START,
+    UNK,
+    bpe_ids,
+    bpe_tokenizer,
+    check_tokenizer,
+    output_words,
+    piece_ids,
+    standardize,
+    word_piece_tokenizer,
+)
 from data.text import detokenize as join_tokens
 from pipelines.decoding import generate
 from pipelines.tasks.base import Endpoint
@@ -61,6 +73,9 @@ class TextDecoder(keras.Model):
         target_vocabulary: list. Generated tokens, index = id (``""`` padding, ``[UNK]``,
             ``[START]``, ``[END]`` first).
         max_decode_length: int. The most tokens generated.
+        tokenizer: str. ``word`` or ``wordpiece`` (``data.text``): how generated tokens
+            join into text. With subwords ``[UNK]`` is never generated (every training
+            character has pieces, so no training text needed it).
     """
 
     network_attribute: ClassVar[str] = "network"
@@ -68,9 +83,10 @@ class TextDecoder(keras.Model):
     input_dtype: ClassVar[tf.DType] = tf.string
     output_name: ClassVar[str] = "texts"
 
-    def __init__(self, network, target_vocabulary, max_decode_length, **kwargs):
+    def __init__(self, network, target_vocabulary, max_decode_length, tokenizer="word", **kwargs):
         super().__init__(**kwargs)
         setattr(self, self.network_attribute, network)
+        self.tokenizer = check_tokenizer(tokenizer)
         self.target_vocabulary = list(target_vocabulary)
         self.max_decode_length = int(max_decode_length)
         if self.max_decode_length < 1:
@@ -79,6 +95,9 @@ class TextDecoder(keras.Model):
             )
         self.start_id = self.target_vocabulary.index(START)
         self.end_id = self.target_vocabulary.index(END)
+        self.banned_ids = (0, self.start_id)
+        if self.tokenizer != "word" and UNK in self.target_vocabulary:
+            self.banned_ids += (self.target_vocabulary.index(UNK),)
         self._generate_fns = _Untracked()  # tf.functions per (beam_width, length_penalty)
         self.built = True  # the weights are the (built) network's
 
@@ -105,7 +124,8 @@ class TextDecoder(keras.Model):
 
     def detokenize(self, ids):
         """target ids [B, T] -> string [B]; padding, [START] and [END] print as nothing."""
-        return join_tokens(tf.gather(tf.constant(output_words(self.target_vocabulary)), ids))
+        words = tf.gather(tf.constant(output_words(self.target_vocabulary)), ids)
+        return join_tokens(words, self.tokenizer)
 
     def decode(self, prepared, beam_width: int = 1, length_penalty: float = 0.0):
         """Network inputs -> (ids [B, T], scores [B], attention [B, T, S] or None)."""
@@ -117,7 +137,7 @@ class TextDecoder(keras.Model):
             self.max_decode_length,
             beam_width=beam_width,
             length_penalty=length_penalty,
-            banned=(0, self.start_id),
+            banned=self.banned_ids,
         )
 
     def generate_fn(self, beam_width: int | None = None, length_penalty: float | None = None):
@@ -174,6 +194,9 @@ class Translator(TextDecoder):
         target_vocabulary: list. Target tokens (``""``, ``[UNK]``, ``[START]``, ``[END]`` first).
         max_source_length: int. Longer inputs are truncated to this many tokens (with ``[END]``).
         max_decode_length: int. The most target tokens generated.
+        tokenizer: str. ``word`` (the source looked up by word), ``wordpiece`` (split
+            into the source vocabulary's WordPiece subwords, in the graph) or ``bpe``.
+        source_model: str. ``bpe``: the source's SentencePiece BPE model, base64.
     """
 
     network_attribute = "seq2seq"
@@ -187,24 +210,45 @@ class Translator(TextDecoder):
         target_vocabulary,
         max_source_length,
         max_decode_length,
+        tokenizer="word",
+        source_model="",
         **kwargs,
     ):
-        super().__init__(seq2seq, target_vocabulary, max_decode_length, **kwargs)
+        super().__init__(seq2seq, target_vocabulary, max_decode_length, tokenizer, **kwargs)
         self.source_vocabulary = list(source_vocabulary)
         self.max_source_length = int(max_source_length)
-        self.source_lookup = keras.layers.StringLookup(
-            vocabulary=self.source_vocabulary[2:],
-            mask_token="",
-            oov_token="[UNK]",
-            name="source_lookup",
-        )
+        self.source_model = str(source_model or "")
+        if self.tokenizer == "bpe":
+            if not self.source_model:
+                raise ValueError("Translator: tokenizer 'bpe' needs `source_model`.")
+            self.source_bpe = bpe_tokenizer(base64.b64decode(self.source_model))
+        elif self.tokenizer == "wordpiece":
+            self.source_pieces = word_piece_tokenizer(self.source_vocabulary)
+        else:
+            self.source_lookup = keras.layers.StringLookup(
+                vocabulary=self.source_vocabulary[2:],
+                mask_token="",
+                oov_token="[UNK]",
+                name="source_lookup",
+            )
         self.source_end = self.source_vocabulary.index(END)
+
+    def source_ids(self, sentences):
+        """string [B] -> source ids int32 [B, <= max_source_length - 1], 0-padded."""
+        keep = self.max_source_length - 1
+        if self.tokenizer == "bpe":
+            ids = tf.cast(bpe_ids(self.source_bpe, sentences), tf.int32)
+            return ids[:, :keep].to_tensor(default_value=0)
+        if self.tokenizer == "wordpiece":
+            ids = tf.cast(piece_ids(self.source_pieces, sentences), tf.int32)
+            return ids[:, :keep].to_tensor(default_value=0)
+        tokens = tf.strings.split(standardize(sentences))
+        tokens = tokens[:, :keep].to_tensor(default_value="")
+        return tf.cast(self.source_lookup(tokens), tf.int32)  # "" -> 0, unknown -> 1
 
     def prepare(self, sentences):
         """string [B] -> ids int32 [B, <= max_source_length] ending in [END], 0-padded."""
-        tokens = tf.strings.split(standardize(sentences))
-        tokens = tokens[:, : self.max_source_length - 1].to_tensor(default_value="")
-        ids = tf.cast(self.source_lookup(tokens), tf.int32)  # "" -> 0, unknown -> 1
+        ids = self.source_ids(sentences)
         lengths = tf.reduce_sum(tf.cast(ids > 0, tf.int32), axis=1)
         ids = tf.pad(ids, [[0, 0], [0, 1]])
         return ids + self.source_end * tf.one_hot(lengths, tf.shape(ids)[1], dtype=tf.int32)
@@ -223,6 +267,8 @@ class Translator(TextDecoder):
             "target_vocabulary": self.target_vocabulary,
             "max_source_length": self.max_source_length,
             "max_decode_length": self.max_decode_length,
+            "tokenizer": self.tokenizer,
+            "source_model": self.source_model,
         }
 
     @classmethod

@@ -26,25 +26,29 @@ Tags: ``bleu.signature``, ``decode.beam_width``, ``decode.length_penalty``.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import inspect
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 import models
 import models.seq2seq  # noqa: F401 - registers Seq2Seq for loading saved translators
 from data.catalog import check_options, get_dataset
+from data.text import TOKENIZERS
 from data.translation import ParallelSplits, build_translation_datasets
-from pipelines.callbacks import EpochTimer
+from pipelines.callbacks import EpochTimer, ValidationMetric
 from pipelines.config import ConfigError, ExperimentConfig
 from pipelines.evaluation.text import (
     MaskedAccuracy,
+    SmoothedTokenLoss,
     corpus_bleu,
+    corpus_chrf,
     exact_match,
     samples_markdown,
     write_jsonl,
@@ -56,6 +60,7 @@ from pipelines.tasks.base import DatasetInfo, Evaluation, Inputs, Serving, Task,
 # what the export must answer too: an empty, an all-unknown and an over-long sentence
 ODD_SENTENCES = ("", "Qwxzy blorft zzyzx.", " ".join(["sehr"] * 200))
 NUM_CHECK_SENTENCES = 64
+NUM_VALIDATION_BLEU = 1000  # validation pairs greedily decoded after each epoch (val_bleu)
 NUM_SAMPLES = 30
 NUM_ATTENTION_PLOTS = 4
 
@@ -73,6 +78,8 @@ class TranslationInfo(DatasetInfo):
     target_vocab_size: int = 0
     source_vocabulary: list[str] = field(default_factory=list)
     target_vocabulary: list[str] = field(default_factory=list)
+    tokenizer: str = "word"
+    source_model: str = ""  # bpe: the source's SentencePiece BPE model, base64
     corpus: dict[str, Any] = field(default_factory=dict)  # the loader's statistics
 
 
@@ -104,6 +111,8 @@ def translator_for(model, info: TranslationInfo) -> Translator:
         info.target_vocabulary,
         int(info.max_source_length),
         max_decode,
+        tokenizer=info.tokenizer,
+        source_model=info.source_model,
         name="translator",
     )
 
@@ -129,6 +138,11 @@ class TranslationTask(Task):
                 f"data.name: task 'translation' reads translation datasets; "
                 f"{config.data.name!r} is {entry.kind!r}."
             )
+        tokenizer = config.data.options().get("tokenizer", "word")
+        if tokenizer not in TOKENIZERS:
+            raise ConfigError(
+                f"data.tokenizer must be one of {list(TOKENIZERS)}. Received: {tokenizer!r}"
+            )
         if config.train.bptt_steps:
             raise ConfigError(
                 "train.bptt_steps: truncated BPTT is for language models (task 'sequence'); "
@@ -137,7 +151,7 @@ class TranslationTask(Task):
 
     @classmethod
     def metric_names(cls, config: ExperimentConfig, options) -> tuple[str, ...]:
-        return ("loss", "accuracy", "bleu", "bleu_greedy", "exact_match")
+        return ("loss", "accuracy", "bleu", "bleu_nopunct", "bleu_greedy", "chrf", "exact_match")
 
     # -- data and model ------------------------------------------------------------
     def build_inputs(self) -> Inputs:
@@ -167,6 +181,8 @@ class TranslationTask(Task):
             target_vocab_size=len(data.target_vocab),
             source_vocabulary=data.source_vocab,
             target_vocabulary=data.target_vocab,
+            tokenizer=data.tokenizer,
+            source_model=base64.b64encode(data.source_model).decode("ascii"),
             corpus=dict(raw.stats),
         )
         steps = cfg.train.steps_per_epoch or data.steps_per_epoch
@@ -193,14 +209,29 @@ class TranslationTask(Task):
         )
         model.compile(
             optimizer=build_optimizer(self.config.train, inputs.steps_per_epoch),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+            loss=SmoothedTokenLoss(self.config.train.label_smoothing),
             metrics=[MaskedAccuracy()],
             jit_compile=self.config.runtime.jit_compile,
         )
         return model
 
     def callbacks(self, inputs: Inputs, run_dir: Path) -> list:
-        return [EpochTimer(inputs.data.epoch_seconds)]
+        sources, references = inputs.data.raw.splits["validation"]
+        sample = (sources[:NUM_VALIDATION_BLEU], references[:NUM_VALIDATION_BLEU])
+        translators: dict[int, Translator] = {}  # one per trained model: traced once
+
+        def validation_bleu(model) -> float:
+            translator = translators.setdefault(id(model), translator_for(model, inputs.info))
+            hypotheses, _ = translator.generate(sample[0], beam_width=1)
+            return corpus_bleu(hypotheses, sample[1]).score
+
+        timer = EpochTimer(inputs.data.epoch_seconds)
+        if not sources:
+            return [timer]
+        bleu = ValidationMetric(
+            "val_bleu", validation_bleu, self.config.train.validation_freq, self.context.log_metrics
+        )
+        return [timer, bleu]
 
     # -- evaluation ----------------------------------------------------------------
     def evaluate(self, model, inputs: Inputs) -> Evaluation:
@@ -225,11 +256,15 @@ class TranslationTask(Task):
                 greedy_seconds,
                 bleu_greedy,
             )
+        bleu_nopunct = corpus_bleu(best, references, punctuation=False)
+        chrf = corpus_chrf(best, references)
         metrics = {
             "loss": float(val["loss"]),
             "accuracy": float(val.get("accuracy", 0.0)),
             "bleu": bleu.score,
+            "bleu_nopunct": bleu_nopunct.score,
             "bleu_greedy": bleu_greedy.score,
+            "chrf": chrf.score,
             "exact_match": exact_match(best, references),
         }
         run_metrics = {
@@ -241,6 +276,8 @@ class TranslationTask(Task):
             run_metrics["seconds_per_epoch"] = float(np.mean(inputs.data.epoch_seconds))
         tags = {
             "bleu.signature": bleu.signature,
+            "bleu_nopunct.signature": bleu_nopunct.signature,
+            "chrf.signature": chrf.signature,
             "decode.beam_width": str(translator.beam_width),
             "decode.length_penalty": str(translator.length_penalty),
         }
@@ -253,6 +290,17 @@ class TranslationTask(Task):
         }
         artifacts = [
             lambda out: (out / "bleu_signature.txt").write_text(bleu.signature + "\n"),
+            lambda out: (out / "metric_signatures.json").write_text(
+                json.dumps(
+                    {
+                        "bleu": bleu.signature,
+                        "bleu_nopunct": bleu_nopunct.signature,
+                        "chrf": chrf.signature,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            ),
             lambda out: write_samples(out, samples),
             lambda out: write_attention_plots(out, translator, samples["sources"]),
         ]
