@@ -8,6 +8,8 @@ the raw splits (uint8 images, int64 labels) and what the pipeline needs to know.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import struct
 from pathlib import Path
@@ -235,16 +237,36 @@ def load_digits(data_dir: str | None = None) -> RawSplits:
     )
 
 
-def load_mnist(data_dir: str | None = None, source: str = "auto") -> RawSplits:
+def load_mnist(
+    data_dir: str | None = None, source: str = "auto", train_size: int | None = None
+) -> RawSplits:
     """MNIST from TFDS ``mnist`` (60k/10k) when prepared in ``data_dir``, else from the
     local test-set idx files (8k/2k).
 
     Args:
         data_dir: str. The TFDS data_dir.
         source: str. ``auto``, ``tfds`` (require the public TFDS data) or ``local``.
+        train_size: int or None. Train on only the first ``train_size`` examples of the
+            (seeded, shuffled) training split: a small-data, over-fitting regime.
     """
     if source not in ("auto", "tfds", "local"):
         raise DataError(f"data.source must be 'auto', 'tfds' or 'local'. Received: {source!r}")
+    if train_size is not None and (
+        isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1
+    ):
+        raise DataError(f"data.train_size must be an int >= 1. Received: {train_size!r}")
+    raw = _load_mnist(data_dir, source)
+    if train_size is None or train_size >= raw.num_train:
+        return raw
+    return dataclasses.replace(
+        raw,
+        train=raw.train.take(train_size),
+        num_train=train_size,
+        fingerprint=f"{raw.fingerprint}/train{train_size}",
+    )
+
+
+def _load_mnist(data_dir: str | None, source: str) -> RawSplits:
     data_dir = data_dir or default_tfds_dir()
     if source in ("auto", "tfds"):
         public = tfds.builder("mnist", data_dir=data_dir)

@@ -113,7 +113,7 @@ register_dataset(
         load="data.arrays:load_mnist",
         description="MNIST: TFDS 'mnist' where prepared, else the official test set from "
         "$DEEPTRENDS_DATA_DIR/mnist_test split 8,000/2,000 (seeded, stratified)",
-        options={"source": "auto"},
+        options={"source": "auto", "train_size": None},
         source="TFDS mnist, or idx files in $DEEPTRENDS_DATA_DIR/mnist_test",
     )
 )

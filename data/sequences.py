@@ -7,6 +7,18 @@ modelling text.
   that bridges the gap scores far below (solved: MSE < 0.01).
 - ``recall``: ``length`` tokens from ``symbols`` symbols; the label is the first token, so
   the answer must be carried over ``length - 1`` steps of noise (chance 1 / symbols).
+- ``copy`` (the copy-memory task of Arjovsky, Shah & Bengio 2016, after Hochreiter &
+  Schmidhuber 1997): ``copy_length`` (10) symbols from ``symbols`` (8), then ``length``
+  blanks, a delimiter, and ``copy_length - 1`` more blanks; at the last ``copy_length``
+  steps the network must emit the symbols it saw ``length + copy_length`` steps earlier.
+  Tokens: 0 padding (never in an input), 1..symbols the symbols, ``symbols + 1`` blank,
+  ``symbols + 2`` delimiter. Labels are a token per step, 0 (not scored) except at the
+  last ``copy_length`` steps, so the loss is the cross-entropy per recalled symbol:
+  a network that only learns which symbols exist scores ``ln(symbols)`` (2.08 nats for
+  8), one that copies scores ~0. (Arjovsky et al. also score the blanks, which dilutes
+  the baseline to ``copy_length * ln(symbols) / (length + 2 * copy_length)``.) It is a
+  per-step prediction, served and evaluated like a language model (``perplexity``:
+  chance ``symbols``, solved ~1).
 - ``text_lm``: a text file (one sentence per line, or a column of a tab-separated file)
   as a word stream, sentences ended by ``<eos>``; seeded 90/10 split by sentence;
   vocabulary from the training split. Chunked into windows of ``seq_len`` tokens, input
@@ -32,7 +44,8 @@ from data.splits import DataError
 from data.text import utf8_payload
 
 # each generated problem and the head it needs
-PROBLEMS = {"adding": "regression", "recall": "classification"}
+PROBLEMS = {"adding": "regression", "recall": "classification", "copy": "language_model"}
+COPY_LENGTH = 10
 LM_RESERVED = ("<pad>", "<unk>", "<eos>")
 
 
@@ -77,6 +90,21 @@ def generate_recall(
     return x, (x[:, 0] - 1).astype(np.int32)
 
 
+def generate_copy(
+    n: int, length: int, symbols: int, rng: np.random.Generator, copy_length: int = COPY_LENGTH
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copy memory: x [n, length + 2 * copy_length] int32, y the same shape (0 = unscored)."""
+    blank, delimiter = symbols + 1, symbols + 2
+    steps = length + 2 * copy_length
+    data = rng.integers(1, symbols + 1, size=(n, copy_length)).astype(np.int32)
+    x = np.full((n, steps), blank, np.int32)
+    x[:, :copy_length] = data
+    x[:, length + copy_length] = delimiter
+    y = np.zeros((n, steps), np.int32)
+    y[:, -copy_length:] = data
+    return x, y
+
+
 def load_generated(
     problem: str = "adding",
     length: int = 50,
@@ -89,8 +117,11 @@ def load_generated(
     """A generated long-dependency problem as repeating train and one-pass eval datasets.
 
     Args:
-        problem: str. ``adding`` (regression) or ``recall`` (classification).
-        length: int. The sequence length (the dependency spans up to this many steps).
+        problem: str. ``adding`` (regression), ``recall`` (classification) or ``copy``
+            (a symbol per step).
+        length: int. The sequence length (the dependency spans up to this many steps);
+            ``copy``: the blanks between the symbols and the delimiter (the sequence is
+            ``length + 20`` steps).
         num_train: int. Training sequences (a fixed set, reshuffled each epoch).
         num_eval: int. Evaluation sequences (drawn from an independent stream).
         symbols: int. ``recall``: the number of symbols (classes).
@@ -112,6 +143,10 @@ def load_generated(
             generate_adding(num_eval, length, rng_eval),
         )
         info = {"input_dim": 2, "num_outputs": 1, "sequence_length": length}
+    elif problem == "copy":
+        train = generate_copy(num_train, length, symbols, rng_train)
+        evals = generate_copy(num_eval, length, symbols, rng_eval)
+        info = {"vocab_size": symbols + 3, "sequence_length": length + 2 * COPY_LENGTH}
     else:
         train = generate_recall(num_train, length, symbols, rng_train)
         evals = generate_recall(num_eval, length, symbols, rng_eval)

@@ -373,6 +373,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Experi
     path = resolve_config_path(name_or_path)
     raw = read_yaml(path)
     raw.pop("variants", None)  # the base of a several-run experiment (pipelines/variants.py)
+    raw.pop("claim", None)  # the claim's seeds and verdict rule (pipelines/reports/claims.py)
     raw = apply_overrides(raw, list(overrides or []))
     return validate_config(
         raw, source=str(path) if path.parent.parent != CONFIG_DIR else repr(path.stem)

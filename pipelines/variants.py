@@ -71,6 +71,7 @@ def load_runs(
     raw = read_yaml(path)
     source = str(path) if path.suffix else name_or_path
     variants = raw.pop("variants", None)
+    raw.pop("claim", None)  # seeds and verdict rules, read by ``deeptrends report claims``
     overrides = list(overrides or [])
     if variants is None:
         if only:

@@ -10,8 +10,17 @@ state of the previous one).
 
 Metrics, by what the data asks of the model: ``mse`` (regression: the adding problem),
 ``accuracy`` (classification: first-symbol recall), ``perplexity`` (language models;
-``exp`` of the mean per-token cross-entropy); ``loss`` always. Run metrics:
-``num_params``, ``seconds_per_epoch``.
+``exp`` of the mean per-token cross-entropy; also the ``copy`` problem, whose labels are
+scored at the recall steps only); ``loss`` always. Run metrics: ``num_params``,
+``seconds_per_epoch``.
+
+``task_options.gradient_through_time: true`` measures, on the first evaluation batch,
+the norm of the loss gradient with respect to the network's input at every time step
+(the embedding output for token inputs), ``||dL/dx_t||``, before training and after it:
+the vanishing gradient of Bengio et al. (1994) made visible. The profiles are the
+``gradient_through_time.json`` artifact; the run metrics ``grad_decay_init`` and
+``grad_decay_trained`` are ``log10`` of the mean norm over the first tenth of the steps
+over that of the last tenth (strongly negative: the early steps get no gradient).
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from pipelines.callbacks import EpochTimer, ResetStates, reset_recurrent_states
 from pipelines.config import ConfigError, ExperimentConfig
 from pipelines.evaluation.text import Perplexity, masked_token_loss
 from pipelines.optim import build_optimizer
+from pydantic import BaseModel, ConfigDict, Field
+
 from pipelines.tasks.base import (
     DatasetInfo,
     Endpoint,
@@ -68,6 +79,57 @@ class SequenceRecord:
     """``Inputs.data``: what the run records for ``evaluate`` (the epoch timer's seconds)."""
 
     epoch_seconds: list[float] = field(default_factory=list)
+    gradient_profiles: dict[str, list[float]] = field(default_factory=dict)
+
+
+class SequenceOptions(BaseModel):
+    """``task_options`` of the sequence task."""
+
+    model_config = ConfigDict(extra="forbid")
+    gradient_through_time: bool = Field(
+        False, description="log ||dL/dx_t|| per time step before and after training"
+    )
+
+
+def gradient_through_time(model, batch) -> list[float]:
+    """``||dL/dx_t||`` for every step ``t`` of ``batch`` (x, y): the gradient of the
+    compiled loss with respect to the recurrent body's input (the embedding output for
+    token inputs), its norm over the batch and features. The networks of
+    ``models/recurrent.py`` are a chain of layers, applied here one by one."""
+    x, y = batch
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    h = tf.convert_to_tensor(x)
+    if layers and isinstance(layers[0], keras.layers.Embedding):
+        h, layers = layers[0](h), layers[1:]
+    h = tf.cast(h, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(h)
+        out = h
+        for layer in layers:
+            out = layer(out, training=False)
+        loss_fn = keras.losses.get(model.loss) if isinstance(model.loss, str) else model.loss
+        loss = tf.reduce_mean(loss_fn(tf.convert_to_tensor(y), out))
+    grad = tape.gradient(loss, h)  # [B, T, D]
+    return [float(v) for v in np.sqrt(np.sum(np.square(grad.numpy()), axis=(0, 2)))]
+
+
+def gradient_decay(profile: list[float]) -> float:
+    """``log10`` (mean norm of the first tenth of the steps / that of the last tenth)."""
+    n = max(1, len(profile) // 10)
+    first, last = float(np.mean(profile[:n])), float(np.mean(profile[-n:]))
+    return float(np.log10(max(first, 1e-30) / max(last, 1e-30)))
+
+
+class GradientThroughTime(keras.callbacks.Callback):
+    """Measures :func:`gradient_through_time` on ``batch`` before training starts."""
+
+    def __init__(self, batch, profiles: dict[str, list[float]]):
+        super().__init__()
+        self.batch, self.profiles = batch, profiles
+
+    def on_train_begin(self, logs=None):
+        if "init" not in self.profiles:
+            self.profiles["init"] = gradient_through_time(self.model, self.batch)
 
 
 def is_language_model_name(name: str) -> bool:
@@ -84,6 +146,7 @@ class SequenceTask(Task):
     """RNN/LSTM/GRU on sequences: regression, classification or language modelling."""
 
     Info = SequenceInfo
+    Options = SequenceOptions
 
     # -- config checks -------------------------------------------------------------
     @classmethod
@@ -241,6 +304,9 @@ class SequenceTask(Task):
         cbs: list = [EpochTimer(inputs.data.epoch_seconds)]
         if inputs.info.stateful:
             cbs.append(ResetStates())
+        if self.options.gradient_through_time and not inputs.info.stateful:
+            batch = next(iter(inputs.eval.take(1)))
+            cbs.append(GradientThroughTime(batch, inputs.data.gradient_profiles))
         return cbs
 
     # -- evaluation ----------------------------------------------------------------------
@@ -284,7 +350,14 @@ class SequenceTask(Task):
         seconds = inputs.data.epoch_seconds if inputs.data is not None else []
         if seconds:
             run_metrics["seconds_per_epoch"] = float(np.mean(seconds))
-        return Evaluation(metrics=metrics, run_metrics=run_metrics)
+        artifacts = []
+        if self.options.gradient_through_time and not info.stateful:
+            profiles = inputs.data.gradient_profiles
+            profiles["trained"] = gradient_through_time(model, next(iter(inputs.eval.take(1))))
+            for when, profile in profiles.items():
+                run_metrics[f"grad_decay_{when}"] = gradient_decay(profile)
+            artifacts.append(lambda out: write_gradient_profiles(out, dict(profiles)))
+        return Evaluation(metrics=metrics, run_metrics=run_metrics, artifacts=artifacts)
 
     # -- serving -------------------------------------------------------------------------
     def serving(self, model, info: DatasetInfo, check_batch: Any = None) -> Serving:
@@ -332,3 +405,22 @@ class SequenceTask(Task):
         else:
             example = np.zeros([2, *spec.shape[1:]], dtype)
         return Endpoint("serving_default", serve, [spec], [example])
+
+
+def write_gradient_profiles(out: Path, profiles: dict[str, list[float]]) -> None:
+    """``gradient_through_time.json`` and ``.png``: ||dL/dx_t|| against t (log scale)."""
+    import json
+
+    from pipelines.plots import _pyplot, save_figure
+
+    (out / "gradient_through_time.json").write_text(json.dumps(profiles, indent=2))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for when, profile in profiles.items():
+        ax.plot(range(1, len(profile) + 1), np.maximum(profile, 1e-30), label=when)
+    ax.set_yscale("log")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("||dL/dx_t||")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, out / "gradient_through_time.png", "gradient norm through time")

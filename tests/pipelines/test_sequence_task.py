@@ -161,7 +161,7 @@ def test_claim_configs_validate_every_variant():
 
 def test_variants_expand_into_runs(tmp_path):
     configs = load_runs("claim-long-dependencies", ["train.epochs=1"])
-    assert len(configs) == 12
+    assert len(configs) == 15  # T = 10..200 x rnn, lstm, gru; rnn-noclip at T = 50..200
     first = configs[0]
     assert first.tracking.run_name == "rnn-T10" and first.model.name == "rnn"
     assert first.data.options()["length"] == 10 and first.train.epochs == 1
