@@ -166,6 +166,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """``deeptrends report claims``: run what is missing, decide, write the report."""
+    _quiet_start()
+    from pipelines.reports.claims import report_claims
+
+    out, results = report_claims(
+        only=args.only,
+        quick=args.quick,
+        output=Path(args.output) if args.output else None,
+        tracking_uri=args.tracking_uri,
+        overrides=args.set,
+        log_artifact=not args.no_log,
+    )
+    print_table([(r.name, r.verdict, r.why) for r in results], ("claim", "verdict", "why"))
+    return 0
+
+
 def cmd_bench(args) -> int:
     _quiet_start()
     from pipelines.reports.bench import bench
@@ -387,6 +404,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-log", action="store_true", help="do not log the files as artifacts of a 'compare' run"
     )
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("report", help="reports over many runs: the survey's claims, decided")
+    rs = p.add_subparsers(dest="report", required=True, metavar="REPORT")
+    q = rs.add_parser(
+        "claims",
+        help="run the claim configs' missing seeds, decide each claim, write claims.html/.md",
+    )
+    q.add_argument(
+        "--quick", action="store_true", help="tiny budgets, one seed: every code path in minutes"
+    )
+    q.add_argument(
+        "--only", action="append", default=None, metavar="NAME", help="only this claim (repeatable)"
+    )
+    q.add_argument(
+        "--output",
+        default=None,
+        help="report folder (default reports/claims, or reports/claims-quick with --quick)",
+    )
+    q.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
+    )
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of every run (e.g. runtime.work_dir=DIR; changes the run key)",
+    )
+    q.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser(
         "bench", help="images/s and MFU of our resnet50/vgg16 vs keras.applications, same batches"

@@ -34,6 +34,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from pydantic import BaseModel, ConfigDict, Field
 
 import models
 from data.catalog import check_options, get_dataset
@@ -42,8 +43,6 @@ from pipelines.callbacks import EpochTimer, ResetStates, reset_recurrent_states
 from pipelines.config import ConfigError, ExperimentConfig
 from pipelines.evaluation.text import Perplexity, masked_token_loss
 from pipelines.optim import build_optimizer
-from pydantic import BaseModel, ConfigDict, Field
-
 from pipelines.tasks.base import (
     DatasetInfo,
     Endpoint,
