@@ -9,7 +9,6 @@ the raw splits (uint8 images, int64 labels) and what the pipeline needs to know.
 from __future__ import annotations
 
 import dataclasses
-
 import gzip
 import struct
 from pathlib import Path
