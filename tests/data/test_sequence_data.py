@@ -152,7 +152,7 @@ def test_adding_problem_and_recall():
     assert data.kind == "classification" and xb.shape == (5, 7)
     np.testing.assert_array_equal(yb.numpy(), xb.numpy()[:, 0] - 1)
     with pytest.raises(DataError, match="data.problem"):
-        load_generated("copy")
+        load_generated("copying")
 
 
 def test_stateful_chunks_continue_each_row():

@@ -128,7 +128,7 @@ def test_metric_names_follow_the_config(tmp_path, data, model, metric):
     [
         ({"model": {"name": "lstm_lm"}}, "model.name"),  # an LM on one label per sequence
         ({"model": {"name": "seq2seq"}}, "model.name: 'seq2seq' is a translation model"),
-        ({"data": {"name": "long_dependency", "problem": "copy"}}, "data.problem"),
+        ({"data": {"name": "long_dependency", "problem": "copying"}}, "data.problem"),
         ({"data": {"name": "digits"}}, "data.name"),
         (
             {

@@ -222,7 +222,7 @@ def test_datasets_registry():
         data.register_dataset(data.DatasetEntry("digits", "image_classification", "x:y", "dup"))
     with pytest.raises(ValueError, match="data.colour"):
         data.check_options("digits", {"colour": 1})
-    assert data.check_options("mnist", {}) == {"source": "auto"}
+    assert data.check_options("mnist", {}) == {"source": "auto", "train_size": None}
 
 
 def test_task_registry():
