@@ -178,6 +178,7 @@ def cmd_report(args) -> int:
         tracking_uri=args.tracking_uri,
         overrides=args.set,
         log_artifact=not args.no_log,
+        train=not args.no_train,
     )
     print_table([(r.name, r.verdict, r.why) for r in results], ("claim", "verdict", "why"))
     return 0
@@ -435,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a value of every run (e.g. runtime.work_dir=DIR; changes the run key)",
     )
     q.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    q.add_argument(
+        "--no-train",
+        action="store_true",
+        help="train nothing: decide on the finished runs there are (missing seeds left out)",
+    )
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser(

@@ -484,8 +484,15 @@ def plan(claim: Claim, quick: bool, overrides: list[str]):
     return out
 
 
-def run_claim(claim: Claim, uri: str, quick: bool = False, overrides: list[str] | None = None):
-    """Train what is missing of a claim's runs (reusing finished ones); its observations."""
+def run_claim(
+    claim: Claim,
+    uri: str,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+    train: bool = True,
+):
+    """Train what is missing of a claim's runs (reusing finished ones; with ``train``
+    false only those, the rest left out); its observations."""
     from pipelines.train import TrainingDiverged, check_config, run_experiment
 
     client = _client(uri)
@@ -498,6 +505,9 @@ def run_claim(claim: Claim, uri: str, quick: bool = False, overrides: list[str] 
     for variant, seed, key, config in runs:
         existing = find_run(client, config.experiment_name, key)
         status = "reused"
+        if existing is None and not train:
+            print(f"claims: {claim.name} {variant} seed {seed}: not run (--no-train)")
+            continue
         if existing is None:
             started = time.time()
             status = "finished"
@@ -1008,7 +1018,8 @@ def report_claims(
     log_artifact: bool = True,
     train: bool = True,
 ) -> tuple[Path, list[ClaimResult]]:
-    """Run what is missing, decide every claim, write and log the report."""
+    """Run what is missing (``train`` false: nothing, the report is decided on the runs
+    there are), decide every claim, write and log the report."""
     from pipelines.tracking import resolve_uri
 
     uri = resolve_uri(tracking_uri)
@@ -1028,10 +1039,8 @@ def report_claims(
         try:
             if claim.spec.external:
                 observations = external_observations(claim, uri)
-            elif train:
-                observations = run_claim(claim, uri, quick, overrides)
             else:
-                observations = []
+                observations = run_claim(claim, uri, quick, overrides, train)
             if claim.spec.measure == "recurrent_step_time":
                 observations += measure_recurrent_step_time(quick)
         except ConfigError:

@@ -331,3 +331,19 @@ def test_quick_report_end_to_end_then_reused(tmp_path, monkeypatch, capsys, mnis
     assert main([*args, "--only", "claim-dropout", "--no-log"]) == 0
     again = capsys.readouterr().out
     assert "reused run" in again and "finished in" not in again
+
+
+def test_no_train_decides_on_the_runs_there_are(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, results = C.report_claims(
+        only=["claim-dropout", "claim-proposals"],
+        output=tmp_path / "r",
+        tracking_uri=uri,
+        log_artifact=False,
+        train=False,
+    )
+    verdicts = {r.name: r.verdict for r in results}
+    assert verdicts == {"claim-dropout": C.NOT_RUN, "claim-proposals": C.HOLDS}
+    assert "not run (--no-train)" in capsys.readouterr().out
+    assert (out / "claims.html").exists() and (out / "claims.md").exists()
