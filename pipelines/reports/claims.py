@@ -1046,6 +1046,8 @@ def report_claims(
         except ConfigError:
             raise
         except Exception as exc:  # one claim's failure is reported, the others still run
+            if type(exc).__name__ == "Preempted":  # SIGTERM: checkpointed; the same command resumes
+                raise
             log.exception("claim %s failed", claim.name)
             observations, error = [], f"{type(exc).__name__}: {exc}"
         result = decide_claim(claim, observations, out, quick)
