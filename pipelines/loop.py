@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,6 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._tracked: set[int] = set()
         self._parts = 0
         self._restored: str | None = None
-        self._current_epoch = 0
 
     @staticmethod
     def peek(directory: str | Path) -> Position | None:
@@ -249,13 +249,23 @@ class TrainingCheckpoint(keras.callbacks.Callback):
         self._step.assign(step)
         return self._manager.save()
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._current_epoch = epoch
+    def due(self, step: int) -> bool:
+        """Whether a step checkpoint falls after ``step`` steps of an epoch of ``steps``
+        (the epoch's end is saved by ``on_epoch_end``)."""
+        last = step == (self.params or {}).get("steps")
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0 and not last
 
-    def on_train_batch_end(self, batch, logs=None):
-        last = (batch + 1) == (self.params or {}).get("steps")  # the epoch's end saves it
-        if self.every_n_steps and (batch + 1) % self.every_n_steps == 0 and not last:
-            self.save(self._current_epoch, batch + 1)
+    def next_boundary(self, step: int) -> int | None:
+        """The first step after ``step`` that ``due`` saves at (None: no step checkpoints)."""
+        if not self.every_n_steps:
+            return None
+        return (step // self.every_n_steps + 1) * self.every_n_steps
+
+    def after_steps(self, epoch: int, step: int) -> None:
+        """Called by ``fit`` after every execution, on the main thread (not a batch hook:
+        one would make Keras' ``CallbackList`` wait for every step's logs)."""
+        if self.due(step):
+            self.save(epoch, step)
 
     def on_epoch_end(self, epoch, logs=None):
         self.save(epoch + 1, 0)
@@ -307,9 +317,6 @@ def _metric_logs(model) -> dict:
     return dict(model.get_metrics_result())
 
 
-_UNTRACED = object()
-
-
 def _trace_key(model):
     """A model whose step reads Python state at trace time (the DBN's RBM in training)
     exposes it as ``trace_key``; the loop retraces its step functions when the key changes
@@ -317,16 +324,76 @@ def _trace_key(model):
     return getattr(model, "trace_key", None)
 
 
-def _step_function(model, strategy, step_fn, jit_compile: bool):
+def _multi_step_function(model, strategy, step_fn, jit_compile: bool):
+    """``run(iterator, n)``: ``n`` (a tensor, >= 1) steps of ``step_fn`` on the next ``n``
+    batches of the distributed ``iterator``, in one ``tf.function`` call, as Keras ``fit``
+    runs ``steps_per_execution``; returns the last step's logs, reduced across replicas
+    once per execution. The batches are read inside the graph: no Python ``next`` and no
+    per-step host work between steps."""
     inner = (
         tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
     )
 
     @tf.function(reduce_retracing=True)  # variable-length batches (text) would retrace every shape
+    def run(iterator, n):
+        for _ in tf.range(n - 1):  # their logs are not needed: only the last step's
+            strategy.run(inner, args=(next(iterator),))
+        logs = strategy.run(inner, args=(next(iterator),))
+        return _reduce(strategy, logs)
+
+    return run
+
+
+def _one_step_function(model, strategy, step_fn, jit_compile: bool):
+    """``run(batch)``: one step on one distributed batch (validation)."""
+    inner = (
+        tf.function(step_fn, jit_compile=True, reduce_retracing=True) if jit_compile else step_fn
+    )
+
+    @tf.function(reduce_retracing=True)
     def run(batch):
         return _reduce(strategy, strategy.run(inner, args=(batch,)))
 
     return run
+
+
+# Step functions of a model, kept across ``fit`` calls as Keras keeps ``train_function``
+# (a new ``tf.function`` per call would trace again every time). Keyed weakly by the
+# model; the functions hold it weakly too, so a dropped model frees its entry.
+_STEP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_functions(model, strategy, jit_compile: bool):
+    key = (strategy, jit_compile, _trace_key(model))
+    cache = _STEP_CACHE.setdefault(model, {})
+    if key not in cache:
+        ref = weakref.ref(model)
+
+        def train_step(batch):
+            return ref().train_step(batch)
+
+        def test_step(batch):
+            return ref().test_step(batch)
+
+        cache.clear()  # a new trace key (DBN stage) or strategy: the old traces are done
+        cache[key] = (
+            _multi_step_function(model, strategy, train_step, jit_compile),
+            _one_step_function(model, strategy, test_step, jit_compile),
+        )
+    return cache[key]
+
+
+def _executions(first: int, steps: int, per_execution: int, checkpoint):
+    """The (begin, end) step ranges of one epoch from step ``first``: at most
+    ``per_execution`` steps each, every step checkpoint at an execution's end."""
+    step = first
+    while step < steps:
+        end = min(step + per_execution, steps)
+        boundary = checkpoint.next_boundary(step) if checkpoint is not None else None
+        if boundary is not None and boundary < end:
+            end = boundary
+        yield step, end
+        step = end
 
 
 def fit(
@@ -343,17 +410,28 @@ def fit(
     start: Position | None = None,
     verbose: int = 1,
     jit_compile: bool = False,
+    steps_per_execution: int = 1,
 ) -> dict[str, list[float]]:
     """Train ``model`` from ``start`` (a restored position) to ``epochs``.
 
     ``train_data`` repeats without end and begins at ``start`` (the caller builds it so);
-    ``steps_per_epoch`` batches make an epoch. Returns the History dict of this call.
+    ``steps_per_epoch`` batches make an epoch. ``steps_per_execution`` steps run in one
+    ``tf.function`` call; callbacks see one batch per execution, as in Keras ``fit``
+    (``on_train_batch_begin(first)``, ``on_train_batch_end(last, logs)``); an execution
+    ends at every step checkpoint and at the epoch's end, so checkpoints, ``SIGTERM`` and
+    ``stop_training`` fall where they fall with one step per execution. Returns the
+    History dict of this call.
     """
+    if steps_per_execution < 1:
+        raise ValueError(f"steps_per_execution must be >= 1. Received: {steps_per_execution}")
     start = start or Position()
     build_state(model, strategy, next(iter(train_data.take(1))))
     if checkpoint is not None:
         with strategy.scope():
             checkpoint.track_new_state()  # compiled metrics exist now; restored if resuming
+    # The checkpoint saves on epoch ends as a callback (after the others) and on step
+    # boundaries from the loop itself (``after_steps``): it has no batch hook, so Keras'
+    # CallbackList may hand batch logs to its thread without waiting for each step.
     all_callbacks = list(callbacks or []) + ([checkpoint] if checkpoint else [])
     cbs = keras.callbacks.CallbackList(
         all_callbacks,
@@ -364,7 +442,6 @@ def fit(
         steps=steps_per_epoch,
         model=model,
     )
-    traced_key, train_step, test_step = _UNTRACED, None, None
     iterator = iter(strategy.experimental_distribute_dataset(train_data))
     dist_val = (
         strategy.experimental_distribute_dataset(validation_data)
@@ -376,29 +453,26 @@ def fit(
     model.stop_training = False
     cbs.on_train_begin()
     logs: dict = {}
+    epoch_logs: dict = {}
     with _SigtermFlag() as sigterm:
         for epoch in range(start.epoch, epochs):
             if not (resumed_mid_epoch and epoch == start.epoch):
                 model.reset_metrics()  # (mid-epoch, the restored sums of the epoch go on)
             cbs.on_epoch_begin(epoch)
-            if _trace_key(model) != traced_key:  # first epoch, or the model's Python state moved
-                traced_key = _trace_key(model)
-                train_step = _step_function(model, strategy, model.train_step, jit_compile)
-                test_step = _step_function(model, strategy, model.test_step, jit_compile)
+            # first epoch, or the model's Python state moved (the DBN's stage): retrace
+            train_fn, test_fn = _step_functions(model, strategy, jit_compile)
             first = start.step if epoch == start.epoch else 0
             if first >= steps_per_epoch:  # resumed after the epoch's last step: its restored sums
                 logs = _metric_logs(model)
-            for step in range(first, steps_per_epoch):
-                cbs.on_train_batch_begin(step)
-                logs = train_step(next(iterator))
-                cbs.on_train_batch_end(step, logs)
+            for begin, end in _executions(first, steps_per_epoch, steps_per_execution, checkpoint):
+                cbs.on_train_batch_begin(begin)
+                logs = train_fn(iterator, tf.constant(end - begin, tf.int32))
+                cbs.on_train_batch_end(end - 1, logs)
+                if checkpoint is not None:
+                    checkpoint.after_steps(epoch, end)
                 if sigterm.raised:
-                    where = (
-                        checkpoint.save(epoch, step + 1, everywhere=False) if checkpoint else None
-                    )
-                    raise Preempted(
-                        f"SIGTERM at epoch {epoch + 1} step {step + 1}; checkpoint {where}"
-                    )
+                    where = checkpoint.save(epoch, end, everywhere=False) if checkpoint else None
+                    raise Preempted(f"SIGTERM at epoch {epoch + 1} step {end}; checkpoint {where}")
                 if model.stop_training:
                     break
             average_replica_statistics(model, strategy)  # validation reads them
@@ -409,7 +483,7 @@ def fit(
                 cbs.on_test_begin()
                 for i, batch in enumerate(dist_val):
                     cbs.on_test_batch_begin(i)
-                    val_logs = test_step(batch)
+                    val_logs = test_fn(batch)
                     cbs.on_test_batch_end(i, val_logs)
                 val_logs = {k: float(v) for k, v in val_logs.items()}
                 cbs.on_test_end(val_logs)
