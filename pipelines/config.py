@@ -135,6 +135,9 @@ class TrainConfig(_Section):
     )
     validation_freq: Count = 1
     checkpoint_every_steps: Count | None = Field(None, description="also checkpoint every N steps")
+    steps_per_execution: int = Field(
+        1, ge=1, le=10_000, description="training steps per tf.function call (callbacks per call)"
+    )
     scale_learning_rate: bool = Field(False, description="linear scaling: lr x replicas")
     early_stopping_patience: Count | None = Field(
         None, description="stop after N epochs without a better select_best (default val_loss)"
@@ -178,7 +181,9 @@ class RuntimeConfig(_Section):
     )
     cluster: ClusterConfig | None = None
     collective: Literal["auto", "ring", "nccl"] = "auto"
-    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    mixed_precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        "auto", description="auto: mixed_bfloat16 where the CPU has AMX-BF16 or AVX512-BF16"
+    )
     jit_compile: bool = False
     deterministic_ops: bool = False
     work_dir: str = Field("runs", description="run directories: <work_dir>/<name>/<run_id>/")

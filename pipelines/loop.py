@@ -325,7 +325,7 @@ def _trace_key(model):
 
 
 def _multi_step_function(model, strategy, step_fn, jit_compile: bool):
-    """``run(iterator, n)``: ``n`` (a tensor, >= 1) steps of ``step_fn`` on the next ``n``
+    """``run(iterator, n)``: ``n`` (>= 1) steps of ``step_fn`` on the next ``n``
     batches of the distributed ``iterator``, in one ``tf.function`` call, as Keras ``fit``
     runs ``steps_per_execution``; returns the last step's logs, reduced across replicas
     once per execution. The batches are read inside the graph: no Python ``next`` and no
@@ -335,11 +335,23 @@ def _multi_step_function(model, strategy, step_fn, jit_compile: bool):
     )
 
     @tf.function(reduce_retracing=True)  # variable-length batches (text) would retrace every shape
-    def run(iterator, n):
+    def one(iterator):
+        return _reduce(strategy, strategy.run(inner, args=(next(iterator),)))
+
+    @tf.function(reduce_retracing=True)
+    def many(iterator, n):
         for _ in tf.range(n - 1):  # their logs are not needed: only the last step's
             strategy.run(inner, args=(next(iterator),))
-        logs = strategy.run(inner, args=(next(iterator),))
-        return _reduce(strategy, logs)
+        return _reduce(strategy, strategy.run(inner, args=(next(iterator),)))
+
+    counts: dict[int, tf.Tensor] = {}
+
+    def run(iterator, n: int):
+        if n == 1:  # no loop in the graph: a while op costs even when it runs no iteration
+            return one(iterator)
+        if n not in counts:
+            counts[n] = tf.constant(n, tf.int32)
+        return many(iterator, counts[n])
 
     return run
 
@@ -466,7 +478,7 @@ def fit(
                 logs = _metric_logs(model)
             for begin, end in _executions(first, steps_per_epoch, steps_per_execution, checkpoint):
                 cbs.on_train_batch_begin(begin)
-                logs = train_fn(iterator, tf.constant(end - begin, tf.int32))
+                logs = train_fn(iterator, end - begin)
                 cbs.on_train_batch_end(end - 1, logs)
                 if checkpoint is not None:
                     checkpoint.after_steps(epoch, end)

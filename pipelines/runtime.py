@@ -112,8 +112,44 @@ def configure(runtime: RuntimeConfig):
     keras.utils.set_random_seed(runtime.seed)
     if runtime.deterministic_ops:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(runtime.mixed_precision)
+    keras.mixed_precision.set_global_policy(resolve_mixed_precision(runtime.mixed_precision))
     return strategy
+
+
+# /proc/cpuinfo flags of CPUs with bfloat16 arithmetic: Intel AMX (Sapphire Rapids on),
+# AVX512-BF16 (Cooper Lake, AMD Zen 4 on). oneDNN runs bfloat16 convolutions and matmuls
+# with them; without them bfloat16 is emulated and slower than float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (the first processor's ``flags`` line; empty where the file
+    does not exist, as off Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_mixed_precision(policy: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The Keras precision policy ``runtime.mixed_precision`` names: ``auto`` is
+    ``mixed_bfloat16`` on a CPU-only machine whose CPU reports AMX-BF16 or AVX512-BF16,
+    else ``float32`` (a GPU run picks its precision explicitly); others are themselves."""
+    if policy != "auto":
+        return policy
+    if _has_gpu():
+        return "float32"
+    return "mixed_bfloat16" if cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS) else "float32"
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def split_cpu(n: int) -> None:

@@ -270,6 +270,7 @@ def fit_model(
         start=start,
         verbose=config.train.verbose if context.chief else 0,
         jit_compile=config.runtime.jit_compile,
+        steps_per_execution=config.train.steps_per_execution,
     )
     if not all(math.isfinite(v) for k in ("loss", "val_loss") for v in history.get(k, [])):
         raise TrainingDiverged(
@@ -334,6 +335,7 @@ def run_params(config: ExperimentConfig, effective: ExperimentConfig, inputs, st
         "derived.per_replica_batch_size": config.train.batch_size // max(1, replicas),
         "derived.learning_rate": effective.train.learning_rate,
         "derived.steps_per_epoch": inputs.steps_per_epoch,
+        "derived.mixed_precision": runtime.resolve_mixed_precision(config.runtime.mixed_precision),
     }
 
 

@@ -32,7 +32,11 @@ MIXED_PRECISION_ATOL = 1e-2
 
 
 def tolerance(atol: float, precision_policy: str) -> float:
-    """The export check's tolerance: ``atol`` in float32, relaxed under mixed precision."""
+    """The export check's tolerance: ``atol`` in float32, relaxed under mixed precision
+    (``auto`` as ``runtime.resolve_mixed_precision`` resolves it here)."""
+    from pipelines.runtime import resolve_mixed_precision
+
+    precision_policy = resolve_mixed_precision(precision_policy)
     return atol if precision_policy == "float32" else max(atol, MIXED_PRECISION_ATOL)
 
 

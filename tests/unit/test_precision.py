@@ -1,0 +1,72 @@
+"""``runtime.mixed_precision: auto`` resolves from the CPU's flags (faked here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines import runtime
+from pipelines.config import RuntimeConfig
+
+INTEL_AMX = "flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+AMD_ZEN4 = "flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+OLD_XEON = "flags\t\t: fpu vme sse2 avx2 avx512f avx512_vnni\n"
+ARM = "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n"
+
+
+@pytest.fixture
+def cpuinfo(tmp_path):
+    def write(flags: str) -> str:
+        path = tmp_path / "cpuinfo"
+        path.write_text("processor\t: 0\nmodel name\t: test\n" + flags + "\nprocessor\t: 1\n")
+        return str(path)
+
+    return write
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (INTEL_AMX, "mixed_bfloat16"),
+        (AMD_ZEN4, "mixed_bfloat16"),
+        (OLD_XEON, "float32"),
+        (ARM, "float32"),
+    ],
+)
+def test_auto_picks_bfloat16_only_where_the_cpu_has_it(cpuinfo, monkeypatch, flags, expected):
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: False)
+    assert runtime.resolve_mixed_precision("auto", cpuinfo(flags)) == expected
+
+
+def test_auto_is_float32_without_cpuinfo_and_with_a_gpu(cpuinfo, monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: False)
+    assert runtime.resolve_mixed_precision("auto", str(tmp_path / "absent")) == "float32"
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: True)
+    assert runtime.resolve_mixed_precision("auto", cpuinfo(INTEL_AMX)) == "float32"
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_explicit_policies_are_kept(cpuinfo, policy):
+    assert runtime.resolve_mixed_precision(policy, cpuinfo(OLD_XEON)) == policy
+
+
+def test_auto_is_the_default():
+    assert RuntimeConfig().mixed_precision == "auto"
+
+
+def test_auto_is_logged_resolved_as_a_derived_param(monkeypatch):
+    from pipelines import train
+
+    monkeypatch.setattr(runtime, "resolve_mixed_precision", lambda policy: f"resolved-{policy}")
+
+    class Strategy:
+        num_replicas_in_sync = 1
+
+    class Inputs:
+        steps_per_epoch = 7
+
+    from pipelines.config import load_config
+
+    config = load_config("lenet5-digits")
+    params = train.run_params(config, config, Inputs(), Strategy())
+    assert params["runtime.mixed_precision"] == "auto"
+    assert params["derived.mixed_precision"] == "resolved-auto"
