@@ -179,8 +179,10 @@ def main(argv=None) -> int:
         for k, v in med.items():
             print(f"  {k:24s} {v:7.2f}  ({v / med['hand-written step']:.2f}x hand-written)")
     report["load_average_1m_end"] = os.getloadavg()[0]
-    print(f"load average (1 min): {report['load_average_1m_start']:.2f} -> "
-          f"{report['load_average_1m_end']:.2f}")
+    print(
+        f"load average (1 min): {report['load_average_1m_start']:.2f} -> "
+        f"{report['load_average_1m_end']:.2f}"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return 0

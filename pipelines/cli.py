@@ -186,9 +186,19 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     _quiet_start()
-    from pipelines.reports.bench import bench
+    from pipelines.reports.bench import bench, bench_all
 
     try:
+        if args.family is not None or args.all:
+            bench_all(
+                args.family,
+                tuple(args.precision or ("float32", "mixed_bfloat16")),
+                seconds=args.seconds,
+                peers=not args.no_peers,
+                output_json=args.output_json or "benchmarks/results/bench-families.json",
+                track=not args.no_log,
+            )
+            return 0
         bench(
             args.model,
             args.image_size,
@@ -459,6 +469,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best is kept")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile both implementations")
     p.add_argument("--output-json", metavar="FILE", help="also write the results as JSON here")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every family through its shipped config, float32 and bfloat16, with the peers",
+    )
+    p.add_argument(
+        "--family",
+        action="append",
+        default=None,
+        choices=["lenet5", "alexnet", "vgg16", "googlenet", "resnet50", "seq2seq", "vae"]
+        + ["dcgan", "draw", "detection", "captioning"],
+        help="benchmark this family (repeatable; implies the per-family bench)",
+    )
+    p.add_argument(
+        "--precision", action="append", choices=["float32", "mixed_bfloat16"], default=None
+    )
+    p.add_argument("--seconds", type=float, default=2.0, help="per measurement (families)")
+    p.add_argument("--no-peers", action="store_true", help="skip the keras.applications peers")
+    p.add_argument("--no-log", action="store_true", help="do not log a bench run to MLflow")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser(

@@ -157,8 +157,10 @@ def bench(
     peak_seconds: float = 2.0,
     output_json: str | None = None,
     printer=print,
+    precision: str = "float32",
 ) -> dict:
-    """Run the benchmark; returns (and prints) the results."""
+    """Run the benchmark under the Keras policy ``precision`` (MFU against the matmul peak
+    in its compute dtype); returns (and prints) the results."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -177,8 +179,10 @@ def bench(
             raise ValueError(f"{what} must be >= {low}. Received: {value}")
     device = tf.config.list_logical_devices("GPU")
     device_name = device[0].name if device else "CPU"
-    peak = matmul_peak(seconds=peak_seconds)
-    printer(f"fp32 matmul peak ({device_name}), before: {peak / 1e9:.1f} GFLOP/s")
+    dtype = "bfloat16" if precision == "mixed_bfloat16" else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    peak = matmul_peak_of(dtype, seconds=peak_seconds)
+    printer(f"{dtype} matmul peak ({device_name}), before: {peak / 1e9:.1f} GFLOP/s")
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(batch_size, image_size, image_size, 3)).astype("float32"))
     y = tf.constant(rng.integers(0, num_classes, size=(batch_size,)))
@@ -249,16 +253,15 @@ def bench(
         ]
 
     rows = table_rows()
-    peak_after = matmul_peak(
-        seconds=peak_seconds
-    )  # a busy machine at the start would understate it
+    peak_after = matmul_peak_of(dtype, seconds=peak_seconds)  # a busy start would understate it
     if peak_after > peak:
         for r in results:
             r.train_mfu *= peak / peak_after
             r.infer_mfu *= peak / peak_after
         peak = peak_after
         rows = table_rows()
-    printer(f"fp32 matmul peak, the better of before and after: {peak / 1e9:.1f} GFLOP/s")
+    printer(f"{dtype} matmul peak, the better of before and after: {peak / 1e9:.1f} GFLOP/s")
+    keras.mixed_precision.set_global_policy("float32")
     print_table(rows, header, printer)
     for name, ratio in ratios.items():
         printer(
@@ -266,6 +269,7 @@ def bench(
         )
     report = {
         "device": device_name,
+        "precision": precision,
         "matmul_peak_gflops": peak / 1e9,
         "image_size": image_size,
         "batch_size": batch_size,
@@ -278,3 +282,331 @@ def bench(
     if output_json:
         write_text_atomic(output_json, json.dumps(report, indent=2) + "\n")
     return report
+
+
+# -- every family, through its shipped config ---------------------------------------------
+# (family, shipped config, what one element is). Each is built as `deeptrends train` builds
+# it: the task's input pipeline, the task's model and its own train/test step (the VAE's,
+# the GAN's, DRAW's, Faster R-CNN's, the captioner's), run by the shared loop's step
+# functions. Images/s for images, tokens/s (target tokens) for seq2seq.
+FAMILIES = {
+    "lenet5": ("lenet5-digits", "images"),
+    "alexnet": ("alexnet-mnist", "images"),
+    "vgg16": ("vgg16-mnist", "images"),
+    "googlenet": ("googlenet-mnist", "images"),
+    "resnet50": ("resnet50-mnist", "images"),
+    "seq2seq": ("nmt-deu-eng", "tokens"),
+    "vae": ("vae-mnist", "images"),
+    "dcgan": ("dcgan-mnist", "images"),
+    "draw": ("draw-mnist", "images"),
+    "detection": ("faster-rcnn-bccd", "images"),
+    "captioning": ("captioning-flickr8k", "images"),
+}
+# Trained on cached CNN features (the backbone runs once, before training): the backbone's
+# FLOPs would overstate the step's, so no MFU.
+NO_FLOPS = frozenset({"captioning"})
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    config: str
+    precision: str
+    unit: str  # what an element is: images or (target) tokens
+    batch_size: int
+    params: int
+    forward_gflops: float | None  # per batch: convolutions and dense layers (None: not counted)
+    train_per_s: float
+    infer_per_s: float
+    input_per_s: float  # the input pipeline alone
+    input_over_train: float  # how many times what the train step consumes
+    train_mfu: float | None
+    infer_mfu: float | None
+
+
+def matmul_peak_of(dtype: str, n: int = 2048, seconds: float = 1.5) -> float:
+    """``matmul_peak`` in ``dtype`` (float32 or bfloat16)."""
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.stateless_normal((n, n), seed=(1, 2)), dtype)
+    b = tf.cast(tf.random.stateless_normal((n, n), seed=(3, 4)), dtype)
+
+    @tf.function
+    def chain(x, y):
+        for _ in range(4):
+            x = tf.matmul(x, y) * tf.cast(1.0 / n, dtype)
+        return x
+
+    chain(a, b).numpy()
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        chain(a, b).numpy()
+        best = max(best, 4 * 2.0 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _elements(batch, unit: str) -> int:
+    """Images (the leading dimension) or target tokens (non-padding ids) in a batch."""
+    import numpy as np
+    import tensorflow as tf
+
+    x, y = (batch[0], batch[1]) if isinstance(batch, tuple) and len(batch) >= 2 else (batch, None)
+    if unit == "tokens" and y is not None:
+        return int(np.count_nonzero(tf.nest.flatten(y)[0].numpy()))
+    return int(tf.nest.flatten(x)[0].shape[0])
+
+
+def _timed(fn, seconds: float) -> tuple[float, int]:
+    """Seconds per call of ``fn`` (which returns something to wait on), the best of
+    repeated timings over about ``seconds``, and how many calls ran."""
+    import tensorflow as tf
+
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 2:
+        t0 = time.perf_counter()
+        out = fn()
+        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+        best = min(best, time.perf_counter() - t0)
+        calls += 1
+    return best, calls
+
+
+def _network(model):
+    """The network the FLOPs are counted on (a trainer's wrapped network, else the model)."""
+    for name in ("network", "captioner", "detector"):
+        inner = getattr(model, name, None)
+        if inner is not None and hasattr(inner, "layers"):
+            return inner
+    return model
+
+
+def bench_family(family: str, precision: str, peak: float, seconds: float, overrides=()):
+    """One family in one precision: input pipeline alone, train steps, inference steps."""
+    import keras
+    import tensorflow as tf
+
+    from pipelines import loop, runtime
+    from pipelines.config import load_config
+    from pipelines.tasks.base import RunContext, get_task
+    from pipelines.train import build_model
+
+    config_name, unit = FAMILIES[family]
+    config = load_config(
+        config_name,
+        [f"runtime.mixed_precision={precision}", "tracking.enabled=false", *overrides],
+    )
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(runtime.resolve_mixed_precision(precision))
+    strategy = tf.distribute.get_strategy()
+    context = RunContext(config, 1, 0, 0, chief=True, strategy=strategy)
+    task = get_task(config.task)(context)
+    inputs = task.build_inputs()
+    model = build_model(task, inputs, context)
+
+    # the input pipeline alone
+    it = iter(inputs.train)
+    first = next(it)
+    per_batch = _elements(first, unit)
+    input_s, _ = _timed(lambda: next(it), seconds / 2)
+    # train: the loop's own step function, 1 step per call (the steps read the pipeline)
+    loop.build_state(model, strategy, first)
+    train_fn, test_fn = loop._step_functions(model, strategy, config.runtime.jit_compile)
+    train_it = iter(inputs.train.repeat())
+    train_fn(train_it, 1)
+    train_s, _ = _timed(lambda: train_fn(train_it, 1), seconds)
+    # inference: the task's test step (forward pass, loss and metrics) on a fixed batch
+    batch = next(iter(inputs.eval))
+    test_fn(batch)
+    infer_s, _ = _timed(lambda: test_fn(batch), seconds)
+    flops = None
+    try:
+        counted = (
+            forward_flops(_network(model)) * per_batch
+            if unit == "images" and family not in NO_FLOPS
+            else 0.0
+        )
+        flops = counted or None
+    except (AttributeError, ValueError, TypeError):  # layers without a static shape
+        flops = None
+    train_rate, infer_rate, input_rate = (
+        per_batch / train_s,
+        per_batch / infer_s,
+        per_batch / input_s,
+    )
+    result = FamilyResult(
+        family=family,
+        config=config_name,
+        precision=precision,
+        unit=unit,
+        batch_size=int(config.train.batch_size),
+        params=int(model.count_params()),
+        forward_gflops=flops / 1e9 if flops else None,
+        train_per_s=train_rate,
+        infer_per_s=infer_rate,
+        input_per_s=input_rate,
+        input_over_train=input_rate / train_rate,
+        train_mfu=3.0 * flops / train_s / peak if flops else None,
+        infer_mfu=flops / infer_s / peak if flops else None,
+    )
+    keras.mixed_precision.set_global_policy("float32")
+    return result
+
+
+def bench_all(
+    families: list[str] | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    seconds: float = 2.0,
+    peers: bool = True,
+    peer_image_size: int = 96,
+    output_json: str | None = None,
+    track: bool = True,
+    printer=print,
+) -> dict:
+    """Every family (its shipped config) in every precision, the keras.applications peers
+    (ResNet-50, VGG-16) in the same run, MFU against the matmul peak measured here for each
+    precision; results to ``output_json`` and, with ``track``, to MLflow as a bench run."""
+    import os
+    import platform
+
+    import tensorflow as tf
+
+    names = list(families or FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        raise ValueError(
+            f"--family {unknown[0]!r}: not benchmarked. Accepted: {', '.join(FAMILIES)}"
+        )
+    load_start = os.getloadavg()[0]
+    report: dict = {
+        "cpu": _cpu_name(),
+        "machine": platform.machine(),
+        "threads": tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count(),
+        "load_average_1m_start": load_start,
+        "seconds_per_measurement": seconds,
+        "matmul_peak_gflops": {},
+        "families": [],
+        "peers": [],
+        "errors": {},
+    }
+    for precision in precisions:
+        dtype = "bfloat16" if precision == "mixed_bfloat16" else "float32"
+        peak = matmul_peak_of(dtype)
+        report["matmul_peak_gflops"][precision] = peak / 1e9
+        printer(f"{dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s")
+        for family in names:
+            t0 = time.perf_counter()
+            try:
+                r = bench_family(family, precision, peak, seconds)
+            except Exception as exc:  # a family that cannot run here is reported, not fatal
+                report["errors"][f"{family}/{precision}"] = f"{type(exc).__name__}: {exc}"[:500]
+                printer(f"{family} ({precision}): failed: {type(exc).__name__}: {exc}")
+                continue
+            report["families"].append(asdict(r))
+            printer(
+                f"{family:11s} {precision:15s} train {r.train_per_s:9.1f} {r.unit}/s  "
+                f"infer {r.infer_per_s:9.1f}  input {r.input_per_s:9.1f} "
+                f"({r.input_over_train:.1f}x train)  MFU "
+                + (f"{r.train_mfu:.1%}/{r.infer_mfu:.1%}" if r.train_mfu else "-")
+                + f"  [{time.perf_counter() - t0:.0f} s]"
+            )
+        if peers:
+            peer = bench(
+                image_size=peer_image_size,
+                batch_size=8,
+                steps=2,
+                rounds=2,
+                peak_seconds=1.0,
+                printer=printer,
+                precision=precision,
+                num_classes=10,
+            )
+            report["peers"].append(peer)
+    report["load_average_1m_end"] = os.getloadavg()[0]
+    printer(
+        f"load average (1 min): {load_start:.2f} at the start, "
+        f"{report['load_average_1m_end']:.2f} at the end"
+    )
+    if output_json:
+        write_text_atomic(output_json, json.dumps(report, indent=2) + "\n")
+    if track:
+        _track(report, output_json)
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def _track(report: dict, output_json: str | None) -> None:
+    """One MLflow run in the ``bench`` experiment: a metric per family, precision and
+    measurement, the JSON as an artifact."""
+    import mlflow
+
+    from pipelines.tracking import resolve_uri
+
+    mlflow.set_tracking_uri(resolve_uri())
+    mlflow.set_experiment("bench")
+    with mlflow.start_run(run_name="deeptrends bench"):
+        mlflow.set_tags({"deeptrends.kind": "bench", "cpu": report["cpu"]})
+        mlflow.log_params(
+            {
+                "seconds_per_measurement": report["seconds_per_measurement"],
+                "load_average_1m_start": round(report["load_average_1m_start"], 2),
+            }
+        )
+        metrics = {f"matmul_peak_gflops.{k}": v for k, v in report["matmul_peak_gflops"].items()}
+        for r in report["families"]:
+            prefix = f"{r['family']}.{r['precision']}"
+            for key in ("train_per_s", "infer_per_s", "input_per_s", "train_mfu", "infer_mfu"):
+                if r[key] is not None:
+                    metrics[f"{prefix}.{key}"] = float(r[key])
+        mlflow.log_metrics(metrics)
+        if output_json:
+            mlflow.log_artifact(output_json)
+
+
+def markdown_table(report: dict) -> str:
+    """The README's Speed table from a ``bench_all`` JSON report."""
+    lines = [
+        "| family | precision | batch | train /s | inference /s | input pipeline /s "
+        "| train MFU | inference MFU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["families"]:
+        unit = "tok" if r["unit"] == "tokens" else "img"
+        mfu = (
+            (f"{r['train_mfu']:.1%}", f"{r['infer_mfu']:.1%}")
+            if r["train_mfu"] is not None
+            else ("-", "-")
+        )
+        lines.append(
+            f"| {r['family']} ({r['config']}) | {r['precision']} | {r['batch_size']} "
+            f"| {r['train_per_s']:.1f} {unit} | {r['infer_per_s']:.1f} {unit} "
+            f"| {r['input_per_s']:.0f} ({r['input_over_train']:.1f}x) | {mfu[0]} | {mfu[1]} |"
+        )
+    for peer in report.get("peers", []):
+        for r in peer["results"]:
+            lines.append(
+                f"| {r['model']} {peer['image_size']}px, {r['implementation']} "
+                f"| {peer['precision']} | {peer['batch_size']} | {r['train_images_per_s']:.1f} img "
+                f"| {r['infer_images_per_s']:.1f} img | - | {r['train_mfu']:.1%} "
+                f"| {r['infer_mfu']:.1%} |"
+            )
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in report["matmul_peak_gflops"].items())
+    lines.append("")
+    lines.append(
+        f"Matmul peak measured in the same run: {peaks}; {report['cpu']}; load average "
+        f"{report['load_average_1m_start']:.2f} -> {report['load_average_1m_end']:.2f}."
+    )
+    return "\n".join(lines)
