@@ -176,15 +176,19 @@ def prepare_quietly(make_builder):
     import sys
 
     builder = make_builder()
-    ready = builder.is_prepared()  # its dataset info was read from disk as it was now
+
+    def written() -> bool:  # (builder.is_prepared() warns about a folder being written)
+        return (Path(str(builder.data_dir)) / "dataset_info.json").exists()
+
+    ready = written()  # the builder's dataset info was read from disk as it was now
     lock = Path(str(builder.data_dir)).parent / ".prepare.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     notices = io.StringIO()
     with open(lock, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            if not ready:  # perhaps another process prepared it meanwhile: read afresh
-                builder = make_builder()
+            if not ready and written():  # another process prepared it meanwhile
+                builder = make_builder()  # read its dataset info afresh
             with contextlib.redirect_stdout(notices):
                 builder.download_and_prepare()
         finally:
