@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from data.catalog import check_options, get_dataset, source_root
-from data.splits import DataError
+from data.splits import DataError, epoch_shuffle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _SHARD = {
@@ -809,9 +809,7 @@ def build_detection_datasets(splits: DetectionSplits, spec: DetectionInputSpec):
     shapes = _padded_shapes(canvas, max_boxes, splits.max_proposals)
 
     def one_epoch(epoch):
-        ds = train_raw.shuffle(
-            buffer, seed=spec.seed * 1_000_003 + epoch + 1, reshuffle_each_iteration=False
-        )
+        ds = epoch_shuffle(train_raw, buffer, spec.seed, epoch)
         ds = ds.padded_batch(
             spec.batch_size,
             padded_shapes=shapes,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 
 from data.catalog import check_options, get_dataset
-from data.splits import RawSplits
+from data.splits import RawSplits, epoch_shuffle
 
 _SHARD = {
     "AUTO": tf.data.experimental.AutoShardPolicy.AUTO,
@@ -375,10 +375,7 @@ def build_image_datasets(
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         # Shuffle and augmentation are keyed by (seed, epoch, batch): the same stream
         # whether the run starts fresh, resumes at an epoch, or is rebuilt.
-        # (+1: the seed is never 0, which TF reads as "unseeded" when the global seed is 0)
-        ds = train_raw.shuffle(
-            buffer, seed=spec.seed * 1_000_003 + epoch + 1, reshuffle_each_iteration=False
-        )
+        ds = epoch_shuffle(train_raw, buffer, spec.seed, epoch)
         ds = ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder)
         ds = ds.map(
             train_prep_sized if cropping else prep,

@@ -54,3 +54,19 @@ def fingerprint_arrays(*arrays: np.ndarray, salt: str = "") -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
+
+# The graph-level seed of an epoch stream when the global seed is 0 (``runtime.seed: 0``):
+# there TF's ``get_seed`` compares the op seed with 0 in Python, which a tensor op seed
+# (ours: seed and epoch) cannot answer inside ``flat_map``. Any value but 0 mod 2**31 - 1.
+_ZERO_GLOBAL_SEED = 104_729
+
+
+def epoch_shuffle(ds, buffer: int, seed: int, epoch):
+    """``ds`` shuffled for ``epoch`` (a tensor inside ``flat_map``) by a key of (seed,
+    epoch): the same stream whether a run starts fresh, resumes at an epoch or is rebuilt.
+    The op seed is never 0 (+1), which TF reads as "unseeded" when the global seed is 0."""
+    graph = tf.compat.v1.get_default_graph()  # the FuncGraph flat_map traces in
+    if graph.seed == 0:
+        graph.seed = _ZERO_GLOBAL_SEED
+    return ds.shuffle(buffer, seed=seed * 1_000_003 + epoch + 1, reshuffle_each_iteration=False)

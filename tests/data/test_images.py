@@ -148,3 +148,31 @@ def test_two_workers_see_disjoint_shards_whose_union_is_the_split(spec):
         assert sorted(shards[0] + shards[1]) == sorted(everything)
     eval_shards = [keys(input_ops.auto_shard_dataset(evals, 2, i)) for i in range(2)]
     assert sorted(eval_shards[0] + eval_shards[1]) == sorted(keys(evals))
+
+
+def test_runtime_seed_zero_builds_the_same_stream(tfds_dir):
+    """``runtime.seed: 0`` sets TF's global seed to 0, where TF's ``get_seed`` used to test a
+    tensor op seed in Python inside ``flat_map`` (OperatorNotAllowedInGraphError)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys, keras, numpy as np
+from data.images import Augment, ImageInputSpec, build_image_datasets
+spec = ImageInputSpec(name="digits", batch_size=32, seed=0, data_dir=sys.argv[1], image_size=32,
+                      channels=1, augment=Augment(pad_crop=2, rotation=8))
+runs = []
+for _ in range(2):
+    keras.utils.set_random_seed(0)
+    runs.append([y.numpy() for _, y in build_image_datasets(spec)[0].take(50)])
+assert all(np.array_equal(a, b) for a, b in zip(*runs))
+assert not np.array_equal(runs[0][0], runs[0][45])  # epoch 2 is reshuffled
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", code, tfds_dir], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
