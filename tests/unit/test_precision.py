@@ -49,8 +49,9 @@ def test_explicit_policies_are_kept(cpuinfo, policy):
     assert runtime.resolve_mixed_precision(policy, cpuinfo(OLD_XEON)) == policy
 
 
-def test_auto_is_the_default():
-    assert RuntimeConfig().mixed_precision == "auto"
+def test_float32_is_the_default_and_auto_is_opt_in():
+    assert RuntimeConfig().mixed_precision == "float32"
+    assert RuntimeConfig(mixed_precision="auto").mixed_precision == "auto"
 
 
 def test_auto_is_logged_resolved_as_a_derived_param(monkeypatch):
@@ -66,7 +67,7 @@ def test_auto_is_logged_resolved_as_a_derived_param(monkeypatch):
 
     from pipelines.config import load_config
 
-    config = load_config("lenet5-digits")
+    config = load_config("lenet5-digits", ["runtime.mixed_precision=auto"])
     params = train.run_params(config, config, Inputs(), Strategy())
     assert params["runtime.mixed_precision"] == "auto"
     assert params["derived.mixed_precision"] == "resolved-auto"
