@@ -339,10 +339,15 @@ def collect_jax(
 
 def check_jax_parity(name: str, model, run: Any) -> None:
     """Weights trained one step on JAX load into the TensorFlow-built ``model`` and give
-    the JAX outputs on the same inputs within 1e-5."""
+    the JAX outputs on the same inputs within 1e-4 (absolute and relative): XLA and oneDNN
+    sum float32 in different orders, and which order oneDNN picks depends on the threads
+    the process has (AlexNet's 4096-wide layers and LRN reached 5.9e-5 in a full suite
+    run, within 1e-5 alone); a wrong layer differs by orders of magnitude more."""
     assert isinstance(run, JaxRun), f"{name} on JAX:\n{run}"
     model.load_weights(run.weights)
-    assert_close(forward(model, run.inputs), run.outputs, what=f"{name} JAX -> TensorFlow")
+    assert_close(
+        forward(model, run.inputs), run.outputs, atol=1e-4, what=f"{name} JAX -> TensorFlow"
+    )
 
 
 def _jax_main(out_dir: str, names: list[str]) -> int:
