@@ -17,6 +17,36 @@ import sys
 import time
 
 
+def budgeted_translation_task(name: str, budget_seconds: float, timing: dict):
+    """Register task ``name``: translation whose training stops after ``budget_seconds``
+    (at a step), recording ``epochs_done`` and ``train_seconds`` into ``timing``."""
+    import keras
+
+    from pipelines.tasks.base import register_task
+    from pipelines.tasks.translation import TranslationTask
+
+    class Budget(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.start = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            timing["epochs_done"] = epoch + 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            if time.time() - self.start > budget_seconds:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            timing["train_seconds"] = round(time.time() - self.start, 1)
+
+    @register_task(name)
+    class BudgetedTranslation(TranslationTask):
+        def callbacks(self, inputs, run_dir):
+            return [*super().callbacks(inputs, run_dir), Budget()]
+
+    return BudgetedTranslation
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="nmt-deu-eng")
@@ -28,35 +58,14 @@ def main(argv=None) -> int:
     from pipelines.runtime import quiet_tensorflow
 
     quiet_tensorflow()
-    import keras
 
     from pipelines.config import load_config
-    from pipelines.tasks.base import register_task
-    from pipelines.tasks.translation import TranslationTask
     from pipelines.train import run_experiment
 
     budget = args.minutes * 60.0
 
-    timing = {}
-
-    class Budget(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.start = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            timing["epochs_done"] = epoch + 1
-
-        def on_train_batch_end(self, batch, logs=None):
-            if time.time() - self.start > budget:
-                self.model.stop_training = True
-
-        def on_train_end(self, logs=None):
-            timing["train_seconds"] = round(time.time() - self.start, 1)
-
-    @register_task("translation_benchmark")
-    class BudgetedTranslation(TranslationTask):
-        def callbacks(self, inputs, run_dir):
-            return [*super().callbacks(inputs, run_dir), Budget()]
+    timing: dict = {}
+    budgeted_translation_task("translation_benchmark", budget, timing)
 
     config = load_config(args.config, ["task=translation_benchmark", *args.set])
     started = time.time()

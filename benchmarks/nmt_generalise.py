@@ -69,33 +69,13 @@ def analyse(run_dir: str, export_path: str) -> dict:
 
 
 def train(config_name: str, overrides: list[str], minutes: float) -> tuple[dict, object]:
-    import keras
+    from nmt_deu_eng import budgeted_translation_task  # (benchmarks/ is the script's folder)
 
     from pipelines.config import load_config
-    from pipelines.tasks.base import register_task
-    from pipelines.tasks.translation import TranslationTask
     from pipelines.train import run_experiment
 
-    budget, timing = minutes * 60.0, {}
-
-    class Budget(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.start = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            timing["epochs_done"] = epoch + 1
-
-        def on_train_batch_end(self, batch, logs=None):
-            if time.time() - self.start > budget:
-                self.model.stop_training = True
-
-        def on_train_end(self, logs=None):
-            timing["train_seconds"] = round(time.time() - self.start, 1)
-
-    @register_task("translation_budgeted")
-    class BudgetedTranslation(TranslationTask):
-        def callbacks(self, inputs, run_dir):
-            return [*super().callbacks(inputs, run_dir), Budget()]
+    timing: dict = {}
+    budgeted_translation_task("translation_budgeted", minutes * 60.0, timing)
 
     config = load_config(config_name, ["task=translation_budgeted", *overrides])
     summary = run_experiment(config)

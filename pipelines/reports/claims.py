@@ -441,18 +441,22 @@ def _gradient_profiles(client, run_id: str) -> dict[str, list[float]]:
         return {}
 
 
-def find_run(client, experiment: str, key: str):
-    """The latest finished run with ``claim.key`` = ``key`` (or one that diverged), or None."""
+def _runs_with_key(client, experiment: str, key: str, max_results: int) -> list:
+    """The newest runs tagged ``claim.key`` = ``key`` in ``experiment``, newest first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return None
-    runs = client.search_runs(
+        return []
+    return client.search_runs(
         [exp.experiment_id],
         f"tags.`claim.key` = '{key}'",
         order_by=["attributes.start_time DESC"],
-        max_results=20,
+        max_results=max_results,
     )
-    for r in runs:
+
+
+def find_run(client, experiment: str, key: str):
+    """The latest finished run with ``claim.key`` = ``key`` (or one that diverged), or None."""
+    for r in _runs_with_key(client, experiment, key, 20):
         if r.info.status == "FINISHED" or r.data.tags.get("claim.outcome") == "diverged":
             return r
     return None
@@ -543,15 +547,7 @@ def run_claim(
 
 
 def _latest_with_key(client, experiment: str, key: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`claim.key` = '{key}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    runs = _runs_with_key(client, experiment, key, 1)
     return runs[0] if runs else None
 
 
