@@ -1,6 +1,6 @@
 """Recurrent families (``models/recurrent.py``, ``models/seq2seq.py``): heads, stacking,
-stateful truncated BPTT, the seq2seq decoder step reproduces teacher forcing, bad
-arguments are named. Building, a training step, serialisation, export, mixed precision
+stateful truncated BPTT, the seq2seq decoder step reproduces teacher forcing (with
+attention and without), bad arguments are named. Building, a training step, serialisation, export, mixed precision
 and JAX are the registry-generated checks of tests/models/test_registry_models.py."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_the_registry_has_the_recurrent_family():
         "rnn",
         "rnn_lm",
     ]
-    assert models.list_models(task="translation") == ["seq2seq"]
+    assert models.list_models(task="translation") == ["seq2seq", "seq2seq_no_attention"]
 
 
 def test_regression_head_on_real_valued_sequences():
@@ -64,11 +64,12 @@ def test_stateful_language_model_carries_state():
     np.testing.assert_allclose(np.asarray(model(x)), first, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["seq2seq", "seq2seq_no_attention"])
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_seq2seq_decode_step_matches_teacher_forcing(cell):
+def test_seq2seq_decode_step_matches_teacher_forcing(name, cell):
     keras.utils.set_random_seed(1)
     model = models.create_model(
-        "seq2seq",
+        name,
         source_vocab_size=15,
         target_vocab_size=11,
         cell=cell,
@@ -80,13 +81,34 @@ def test_seq2seq_decode_step_matches_teacher_forcing(cell):
     src[1, 3:] = 0
     tin = RNG.integers(1, 11, size=(3, 4)).astype("int32")
     full = np.asarray(model([src, tin]))
-    annotations, keys, mask, states = model.encode(src)
+    *context, states = model.encode(src)
+    if name == "seq2seq_no_attention":  # the fixed summary c [B, 2U] and the mask
+        assert [tuple(c.shape) for c in context] == [(3, 10), (3, 6)]
     for t in range(tin.shape[1]):
-        logits, states, weights = model.decode_step(tin[:, t], states, annotations, keys, mask)
+        logits, states, weights = model.decode_step(tin[:, t], states, *context)
+        assert tuple(logits.shape) == (3, 11) and len(states) == (2 if cell == "lstm" else 1)
+        assert all(tuple(s.shape) == (3, 5) for s in states)
         np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-5)
         w = np.asarray(weights)
+        assert w.shape == (3, 6)
+        if not model.use_attention:
+            assert np.all(w == 0)  # the step protocol's "no attention"
+            continue
         np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
         assert np.all(w[1, 3:] < 1e-6)  # no attention on padding
+
+
+def test_seq2seq_without_attention_reads_the_summary_at_every_step():
+    """No attention layer; the decoder cell reads [E y; c] (E + 2U inputs); the flag
+    round-trips through the config."""
+    kwargs = {"source_vocab_size": 15, "target_vocab_size": 11, "embedding_dim": 6, "units": 5}
+    plain = models.create_model("seq2seq_no_attention", **kwargs)
+    assert not plain.use_attention and not hasattr(plain, "attention")
+    assert not any("attention" in w.path.split("/")[1:] for w in plain.weights)
+    assert tuple(plain.get_layer("decoder_gru").cell.kernel.shape) == (6 + 2 * 5, 3 * 5)
+    config = plain.get_config()
+    assert config["use_attention"] is False
+    assert not type(plain).from_config(config).use_attention
 
 
 @pytest.mark.parametrize(
@@ -102,6 +124,16 @@ def test_seq2seq_decode_step_matches_teacher_forcing(cell):
             "seq2seq",
             {"source_vocab_size": 5, "target_vocab_size": 5, "beam_width": 0},
             "beam_width",
+        ),
+        (
+            "seq2seq",
+            {"source_vocab_size": 5, "target_vocab_size": 5, "use_attention": "no"},
+            "use_attention",
+        ),
+        (
+            "seq2seq_no_attention",
+            {"source_vocab_size": 5, "target_vocab_size": 5, "use_attention": True},
+            "use seq2seq for attention",
         ),
     ],
 )

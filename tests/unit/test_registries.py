@@ -99,7 +99,7 @@ def test_list_models_filters():
         "resnet34",
         "resnet50",
     ]
-    assert models.list_models(task="translation") == ["seq2seq"]
+    assert models.list_models(task="translation") == ["seq2seq", "seq2seq_no_attention"]
     assert models.list_models(task="translation", family="vgg") == []
 
 
