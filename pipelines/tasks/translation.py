@@ -302,8 +302,9 @@ class TranslationTask(Task):
                 + "\n"
             ),
             lambda out: write_samples(out, samples),
-            lambda out: write_attention_plots(out, translator, samples["sources"]),
         ]
+        if network.use_attention:  # a model without attention has no maps to draw
+            artifacts.append(lambda out: write_attention_plots(out, translator, samples["sources"]))
         return Evaluation(metrics, run_metrics, tags, artifacts)
 
     # -- serving ---------------------------------------------------------------------

@@ -44,13 +44,13 @@ def _corpus(path, n: int, seed: int = 0):
     return path
 
 
-def _config(path, **train):
+def _config(path, model="seq2seq", **train):
     return validate_config(
         {
             "name": "tiny-nmt",
             "task": "translation",
             "model": {
-                "name": "seq2seq",
+                "name": model,
                 "embedding_dim": 32,
                 "units": 64,
                 "attention_units": 32,
@@ -186,6 +186,27 @@ def test_evaluate_and_artifacts(trained, tmp_path):
         "attention_0.png",
     } <= names
     assert (tmp_path / "bleu_signature.txt").read_text().strip() == signature
+
+
+def test_model_without_attention_evaluates_and_draws_no_attention_maps(tmp_path):
+    """``seq2seq_no_attention`` through the same task: every metric, and every artifact
+    but the attention maps (it has none)."""
+    keras.utils.set_random_seed(0)
+    path = _corpus(tmp_path / "tiny.tsv", 60)
+    task = TranslationTask(RunContext(_config(path, model="seq2seq_no_attention")))
+    inputs = task.build_inputs()
+    model = task.build_model(inputs)
+    assert not model.use_attention
+    model.fit(inputs.train, epochs=2, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
+    evaluation = task.evaluate(model, inputs)
+    assert set(TranslationTask.metric_names(task.config, task.options)) == set(evaluation.metrics)
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    for write in evaluation.artifacts:
+        write(out)
+    names = {p.name for p in out.iterdir()}
+    assert {"sample_translations.md", "bleu_signature.txt"} <= names
+    assert not any(name.startswith("attention_") for name in names)
 
 
 @pytest.mark.slow
