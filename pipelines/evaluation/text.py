@@ -8,6 +8,9 @@ modelling, captioning).
   both sides (``strip_punctuation``), the other convention seen in references (signature
   ``...|punct:removed``).
 - ``corpus_chrf``: sacrebleu chrF (character 6-grams, beta 2), with its signature.
+- ``bleu_by_length``: corpus BLEU (``corpus_bleu``) per source-length bucket, the
+  buckets given by sorted lower bounds (``[1, 5, 6, 7]``: 1-4, 5, 6, 7+ tokens), as in
+  Bahdanau et al.'s Fig. 2; ``check_length_buckets`` validates the bounds.
 - ``exact_match``: the share of hypotheses equal to a reference after ``data.text``
   standardisation (case and punctuation spacing do not count).
 - Keras training metrics over 0-padded token labels: ``MaskedAccuracy`` (teacher-forced
@@ -89,6 +92,83 @@ def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[s
     metric = sacrebleu.metrics.CHRF()
     result = metric.corpus_score(list(hypotheses), streams)
     return BleuScore(float(result.score), str(metric.get_signature()))
+
+
+@dataclass(frozen=True)
+class BucketBleu:
+    """Corpus BLEU over the sentences whose source length lies in ``[lower, upper]``."""
+
+    lower: int
+    upper: int | None  # None: no upper bound (the last bucket)
+    count: int
+    score: float | None  # None for an empty bucket
+
+    @property
+    def label(self) -> str:
+        """``1_4``, ``5``, ``7_plus``: the metric-name suffix (``bleu_len_<label>``)."""
+        if self.upper is None:
+            return f"{self.lower}_plus"
+        return str(self.lower) if self.upper == self.lower else f"{self.lower}_{self.upper}"
+
+    @property
+    def span(self) -> str:
+        """``1-4``, ``5``, ``7+``: the bucket as a reader writes it."""
+        return self.label.replace("_plus", "+").replace("_", "-")
+
+
+def check_length_buckets(bounds: Sequence[int], field: str = "length_buckets") -> list[int]:
+    """Sorted, distinct, positive int lower bounds, else ``ValueError`` naming ``field``."""
+    values = list(bounds) if isinstance(bounds, (list, tuple)) else None
+    if (
+        not values
+        or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in values)
+        or any(b >= c for b, c in zip(values, values[1:], strict=False))
+    ):
+        raise ValueError(
+            f"{field} must be a non-empty, strictly increasing list of positive ints: the "
+            f"lower bound (in source tokens) of each bucket, e.g. [1, 5, 6, 7] for 1-4, 5, 6, "
+            f"7+. Received: {field}={bounds!r}"
+        )
+    return values
+
+
+def bleu_by_length(
+    hypotheses: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    lengths: Sequence[int],
+    bounds: Sequence[int],
+) -> list[BucketBleu]:
+    """Corpus BLEU (``corpus_bleu``) of each source-length bucket.
+
+    Args:
+        hypotheses: list of str. One generated sentence per example.
+        references: list of str, or of lists of str. The reference(s) of each example.
+        lengths: list of int. The source length of each example (tokens).
+        bounds: list of int. Sorted lower bounds: bucket k holds lengths in
+            ``[bounds[k], bounds[k + 1] - 1]``, the last one ``bounds[-1]`` and longer.
+            Sources shorter than ``bounds[0]`` are in no bucket.
+
+    Returns:
+        One ``BucketBleu`` per bound, in order; an empty bucket has ``count`` 0 and
+        ``score`` None.
+    """
+    bounds = check_length_buckets(bounds)
+    _checked("bleu_by_length", hypotheses, references)
+    if len(lengths) != len(hypotheses):
+        raise ValueError(
+            f"bleu_by_length: {len(hypotheses)} hypotheses but {len(lengths)} lengths."
+        )
+    out = []
+    for k, lower in enumerate(bounds):
+        upper = bounds[k + 1] - 1 if k + 1 < len(bounds) else None
+        picks = [i for i, n in enumerate(lengths) if n >= lower and (upper is None or n <= upper)]
+        score = (
+            corpus_bleu([hypotheses[i] for i in picks], [references[i] for i in picks]).score
+            if picks
+            else None
+        )
+        out.append(BucketBleu(lower, upper, len(picks), score))
+    return out
 
 
 def exact_match(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:

@@ -9,6 +9,8 @@ for the report (``set``) and for ``--quick``, what to plot, and the verdict rule
       seeds: [1, 2, 3]
       quick: [train.epochs=1, train.steps_per_epoch=2]
       plot: {curves: [val_loss], bars: [eval_train_eval_gap]}
+      # or across: [eval_bleu_len_1_4, eval_bleu_len_5, ...]: a family of metrics (buckets)
+      # along the x axis, a line per variant
       rules:
         - {name: ..., metric: eval_train_eval_gap, a: dropout-0.5, b: no-dropout,
            expect: lower, test: every_seed}
@@ -77,6 +79,7 @@ ORDER = (
     "claim-long-dependencies",
     "claim-copy-memory",
     "claim-lstm-vs-gru",
+    "claim-attention-translation",
     "claim-rcnn-vs-faster-rcnn",
     "claim-proposals",
     "claim-attention",
@@ -152,6 +155,7 @@ class PlotSpec(_Strict):
     bars: list[str] = Field(default_factory=list)
     x: str | None = None  # a param: metric against it, a line per group
     group: list[str] = Field(default_factory=list)  # variant-name prefixes
+    across: list[str] = Field(default_factory=list)  # metrics along the x axis (buckets)
     gradient_through_time: bool = False
 
 
@@ -752,6 +756,51 @@ def plot_against(observations, spec: PlotSpec, metrics, path: Path, title: str) 
     return save_figure(fig, path, title)
 
 
+def _common_affix(names: list[str]) -> tuple[str, str]:
+    import os
+
+    prefix = os.path.commonprefix(names)
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1] if len(names) > 1 else ""
+    return prefix, suffix
+
+
+def plot_across(observations, variants, metrics, path: Path, title: str) -> Path | None:
+    """A family of metrics (``eval_bleu_len_1_4``, ``eval_bleu_len_5``, ...) along the x
+    axis in the given order, a line per variant: the mean over seeds, 95% t intervals
+    (Bahdanau et al.'s Fig. 2: BLEU against sentence length, with and without attention)."""
+    from pipelines.plots import panel_grid, save_figure
+
+    metrics = [m for m in metrics if any(m in o.metrics for o in observations)]
+    if not metrics:
+        return None
+    prefix, suffix = _common_affix(metrics)
+    # eval_bleu_len_1_4 -> 1-4, eval_bleu_len_7_plus -> 7+
+    labels = [
+        (m[len(prefix) : len(m) - len(suffix)] or m).replace("_plus", "+").replace("_", "-")
+        for m in metrics
+    ]
+    fig, axes = panel_grid(1, width=max(5.0, 1.2 * len(metrics)))
+    ax = axes[0]
+    for v in variants:
+        points = [(i, series(observations, v, m)) for i, m in enumerate(metrics)]
+        points = [(i, list(vals.values())) for i, vals in points if vals]
+        if not points:
+            continue
+        st = [_stats(vals) for _, vals in points]
+        means = np.array([s[0] for s in st])
+        err = np.array([[s[0] - s[1] for s in st], [s[2] - s[0] for s in st]])
+        xs = [i for i, _ in points]
+        runs = max(len(vals) for _, vals in points)
+        ax.errorbar(
+            xs, means, yerr=np.nan_to_num(err), marker="o", capsize=3, label=f"{v} ({runs})"
+        )
+    ax.set_xticks(range(len(metrics)), labels)
+    ax.set_xlabel(f"{prefix}*{suffix}".strip("_") if prefix or suffix else "metric", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, title)
+
+
 def plot_gradient_profiles(observations, spec: PlotSpec, path: Path, title: str) -> Path | None:
     """``||dL/dx_t||`` against t: a panel per length, a line per group (mean over seeds),
     before training (dashed) and after (solid)."""
@@ -848,7 +897,9 @@ def decide_claim(
     variants = [v for v in (spec.variants or claim.variant_names) if v in seen] + [
         v for v in seen if v not in (spec.variants or claim.variant_names)
     ]
-    metrics = list(dict.fromkeys([*(r.metric for r in spec.rules), *spec.plot.bars]))
+    metrics = list(
+        dict.fromkeys([*(r.metric for r in spec.rules), *spec.plot.bars, *spec.plot.across])
+    )
     if spec.measure:
         metrics.append("seconds_per_step_alone")
     figures = []
@@ -866,6 +917,14 @@ def decide_claim(
         if png:
             figures.append(
                 ("a bar per variant: mean over seeds, 95% t interval, seeds as dots", png)
+            )
+    if spec.plot.across:
+        png = plot_across(
+            observations, variants, spec.plot.across, folder / f"{claim.name}-across.png", title
+        )
+        if png:
+            figures.append(
+                ("a line per variant across the metrics (mean over seeds, 95% t interval)", png)
             )
     png = plot_curves(
         observations, variants, spec.plot.curves, folder / f"{claim.name}-curves.png", title

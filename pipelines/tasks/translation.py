@@ -20,7 +20,14 @@ option goes to the corpus loader.
 
 Metrics: ``loss`` and ``accuracy`` (teacher-forced, validation split), ``bleu`` (the
 model's decoding: beam search when ``beam_width > 1``), ``bleu_greedy``, ``exact_match``
-(test split). Run metrics: ``num_params``, ``seconds_per_epoch``, decoding seconds.
+(test split), and ``bleu_len_<bucket>`` (``bleu_len_1_4`` ... ``bleu_len_7_plus``): the
+same BLEU over the test sentences of each source-length bucket (Bahdanau et al.'s Fig. 2),
+the buckets' lower bounds in ``task_options.length_buckets``. A source's length is its
+count of word and punctuation tokens after ``data.text.standardize``, whatever
+``data.tokenizer`` the model reads, so a sentence is in the same bucket for every model.
+An empty bucket logs no BLEU. Run metrics: ``num_params``, ``seconds_per_epoch``,
+decoding seconds, ``sentences_len_<bucket>`` (the bucket's test sentences). Artifacts
+include ``bleu_by_length.csv`` and ``bleu_by_length.png``.
 Tags: ``bleu.signature``, ``decode.beam_width``, ``decode.length_penalty``.
 """
 
@@ -36,17 +43,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import models
 import models.seq2seq  # noqa: F401 - registers Seq2Seq for loading saved translators
 from data.catalog import check_options, get_dataset
-from data.text import TOKENIZERS
+from data.text import TOKENIZERS, tokenize
 from data.translation import ParallelSplits, build_translation_datasets
 from pipelines.callbacks import EpochTimer, ValidationMetric
 from pipelines.config import ConfigError, ExperimentConfig
 from pipelines.evaluation.text import (
+    BucketBleu,
     MaskedAccuracy,
     SmoothedTokenLoss,
+    bleu_by_length,
+    check_length_buckets,
     corpus_bleu,
     corpus_chrf,
     exact_match,
@@ -63,6 +74,32 @@ NUM_CHECK_SENTENCES = 64
 NUM_VALIDATION_BLEU = 1000  # validation pairs greedily decoded after each epoch (val_bleu)
 NUM_SAMPLES = 30
 NUM_ATTENTION_PLOTS = 4
+# source-length buckets (lower bounds, tokens) for the shipped deu_eng test split, whose
+# 2,000 German sources have 2-10 tokens: 1-4 (601), 5 (764), 6 (424), 7+ (211)
+DEFAULT_LENGTH_BUCKETS = (1, 5, 6, 7)
+
+
+class TranslationOptions(BaseModel):
+    """``task_options`` of the translation task."""
+
+    model_config = ConfigDict(extra="forbid")
+    length_buckets: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_LENGTH_BUCKETS),
+        description="sorted lower bounds (source tokens) of the BLEU-by-length buckets",
+    )
+
+    @field_validator("length_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value):
+        return check_length_buckets(value)
+
+    def bucket_labels(self) -> list[str]:
+        """``["1_4", "5", "6", "7_plus"]``: the suffixes of ``bleu_len_<label>``."""
+        bounds = self.length_buckets
+        return [
+            BucketBleu(lower, bounds[k + 1] - 1 if k + 1 < len(bounds) else None, 0, None).label
+            for k, lower in enumerate(bounds)
+        ]
 
 
 @dataclass
@@ -121,6 +158,7 @@ def translator_for(model, info: TranslationInfo) -> Translator:
 class TranslationTask(Task):
     """Sequence-to-sequence translation from a parallel corpus."""
 
+    Options = TranslationOptions
     Info = TranslationInfo
 
     # -- config checks -------------------------------------------------------------
@@ -151,7 +189,9 @@ class TranslationTask(Task):
 
     @classmethod
     def metric_names(cls, config: ExperimentConfig, options) -> tuple[str, ...]:
-        return ("loss", "accuracy", "bleu", "bleu_nopunct", "bleu_greedy", "chrf", "exact_match")
+        options = options if options is not None else cls.parse_options(config)
+        base = ("loss", "accuracy", "bleu", "bleu_nopunct", "bleu_greedy", "chrf", "exact_match")
+        return base + tuple(f"bleu_len_{label}" for label in options.bucket_labels())
 
     # -- data and model ------------------------------------------------------------
     def build_inputs(self) -> Inputs:
@@ -258,6 +298,8 @@ class TranslationTask(Task):
             )
         bleu_nopunct = corpus_bleu(best, references, punctuation=False)
         chrf = corpus_chrf(best, references)
+        lengths = [len(tokens) for tokens in tokenize(sources)] if sources else []
+        buckets = bleu_by_length(best, references, lengths, self.options.length_buckets)
         metrics = {
             "loss": float(val["loss"]),
             "accuracy": float(val.get("accuracy", 0.0)),
@@ -266,11 +308,13 @@ class TranslationTask(Task):
             "bleu_greedy": bleu_greedy.score,
             "chrf": chrf.score,
             "exact_match": exact_match(best, references),
+            **{f"bleu_len_{b.label}": b.score for b in buckets if b.score is not None},
         }
         run_metrics = {
             "num_params": float(network.count_params()),
             "decode_seconds_greedy": greedy_seconds,
             "decode_seconds_beam": beam_seconds,
+            **{f"sentences_len_{b.label}": float(b.count) for b in buckets},
         }
         if inputs.data.epoch_seconds:
             run_metrics["seconds_per_epoch"] = float(np.mean(inputs.data.epoch_seconds))
@@ -302,6 +346,7 @@ class TranslationTask(Task):
                 + "\n"
             ),
             lambda out: write_samples(out, samples),
+            lambda out: write_bleu_by_length(out, buckets, bleu.score),
         ]
         if network.use_attention:  # a model without attention has no maps to draw
             artifacts.append(lambda out: write_attention_plots(out, translator, samples["sources"]))
@@ -344,6 +389,33 @@ def write_samples(out_dir: Path, samples: dict[str, list]) -> None:
         for s, r, h in zip(samples["sources"], samples["references"], samples["best"], strict=True)
     ]
     write_jsonl(out_dir / "test_translations.jsonl", records)
+
+
+def write_bleu_by_length(out_dir: Path, buckets: list[BucketBleu], overall: float) -> None:
+    """``bleu_by_length.csv`` (bucket, tokens, sentences, BLEU) and ``bleu_by_length.png``
+    (a bar per bucket, its sentence count above it, the overall BLEU as a line)."""
+    from pipelines.plots import _pyplot, save_figure
+
+    lines = ["bucket,min_tokens,max_tokens,sentences,bleu"]
+    for b in buckets:
+        upper = "" if b.upper is None else str(b.upper)
+        score = "" if b.score is None else f"{b.score:.4f}"
+        lines.append(f"{b.span},{b.lower},{upper},{b.count},{score}")
+    (out_dir / "bleu_by_length.csv").write_text("\n".join(lines) + "\n")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(buckets), 3.6))
+    xs = range(len(buckets))
+    scores = [b.score or 0.0 for b in buckets]
+    ax.bar(xs, scores, color="#8fb3d9")
+    for x, b in zip(xs, buckets, strict=True):
+        ax.annotate(f"n={b.count}", (x, scores[x]), ha="center", va="bottom", fontsize=7)
+    ax.axhline(overall, color="k", linestyle="--", linewidth=1, label=f"all: {overall:.1f}")
+    ax.set_xticks(list(xs), [b.span for b in buckets])
+    ax.set_xlabel("source length (tokens)")
+    ax.set_ylabel("BLEU")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    save_figure(fig, out_dir / "bleu_by_length.png", "BLEU by source length")
 
 
 def write_attention_plots(out_dir: Path, translator: Translator, sources: list[str]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ CLAIMS = (
     "claim-long-dependencies",
     "claim-copy-memory",
     "claim-lstm-vs-gru",
+    "claim-attention-translation",
     "claim-rcnn-vs-faster-rcnn",
     "claim-proposals",
     "claim-attention",
@@ -81,6 +84,18 @@ def test_planned_runs_validate_with_seeds_and_keys(quick):
             assert all(c.task_options["gradient_through_time"] for *_, c in runs)
         if name == "claim-dropout":
             assert {c.data.options()["train_size"] for *_, c in runs} == {128 if quick else 1000}
+        if name == "claim-attention-translation":
+            models = {v: c.model.name for v, *_, c in runs}
+            assert models == {"attention": "seq2seq", "no-attention": "seq2seq_no_attention"}
+            # an equal budget: per seed the two runs differ in the model's name only
+            for seed in seeds:
+                pair = [c.to_dict() for _, s, _, c in runs if s == seed]
+                for d in pair:
+                    d["model"].pop("name")
+                    d["tracking"] = {}
+                assert len(pair) == 2 and pair[0] == pair[1]
+            # the buckets are the shipped default's, which the plot and rules name
+            assert {tuple(c.task_options["length_buckets"]) for *_, c in runs} == {(1, 5, 6, 7)}
 
 
 def test_the_key_is_the_resolved_config():
@@ -163,6 +178,51 @@ def test_threshold_diverged_and_missing_values():
     assert C.decide(_rule(metric="epochs_to_target"), obs).verdict == C.NOT_RUN
 
 
+def test_attention_translation_rules_on_fixtures():
+    """The claim's own rules: attention higher on the longest bucket in every seed, and a
+    paired bootstrap interval of the overall BLEU difference above 0."""
+    claim = C.load_claim("claim-attention-translation")
+    longest, overall = claim.spec.rules
+    assert longest.metric == "eval_bleu_len_7_plus" and longest.test == "every_seed"
+    assert overall.metric == "eval_bleu" and overall.test == "bootstrap"
+
+    def obs(att_long, none_long, att_all, none_all):
+        """Per seed 1..3: (variant, 7+ bucket BLEU, overall BLEU)."""
+        rows = [("attention", att_long, att_all), ("no-attention", none_long, none_all)]
+        return [
+            C.Observation(v, seed, {"eval_bleu_len_7_plus": long[i], "eval_bleu": all_[i]})
+            for v, long, all_ in rows
+            for i, seed in enumerate((1, 2, 3))
+        ]
+
+    holds = obs([30, 32, 31], [20, 22, 21], [40, 41, 42], [35, 36, 35])
+    assert [C.decide(r, holds).verdict for r in (longest, overall)] == [C.HOLDS, C.HOLDS]
+    result = C.decide_claim(claim, holds, Path(tempfile.mkdtemp()))
+    assert result.verdict == C.HOLDS
+    fails = obs([10, 12, 11], [20, 22, 21], [30, 31, 30], [35, 36, 35])
+    assert [C.decide(r, fails).verdict for r in (longest, overall)] == [C.FAILS, C.FAILS]
+    mixed = obs([30, 12, 31], [20, 22, 21], [40, 30, 42], [35, 36, 35])
+    assert [C.decide(r, mixed).verdict for r in (longest, overall)] == [C.MIXED, C.MIXED]
+    # an empty longest bucket in a run (no BLEU logged) leaves that seed out
+    gap = [o for o in holds if not (o.seed == 2 and o.variant == "attention")]
+    gap.append(C.Observation("attention", 2, {"eval_bleu": 41.0}))
+    assert "in 2 of 2 seeds" in C.decide(longest, gap).why
+
+
+def test_plot_across_draws_a_line_per_variant(tmp_path):
+    names = ["eval_bleu_len_1_4", "eval_bleu_len_5", "eval_bleu_len_7_plus"]
+    obs = [
+        C.Observation(v, s, {m: 10.0 + i + s for i, m in enumerate(names)})
+        for v in ("attention", "no-attention")
+        for s in (1, 2, 3)
+    ]
+    obs[0].metrics.pop("eval_bleu_len_5")  # a seed without a bucket still plots
+    png = C.plot_across(obs, ["attention", "no-attention"], names, tmp_path / "a.png", "t")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert C.plot_across(obs, ["attention"], ["eval_nothing"], tmp_path / "b.png", "t") is None
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_claim_verdict():
     r = lambda v: C.RuleResult("r", v, "", "m")  # noqa: E731
     assert C.claim_verdict([r(C.HOLDS), r(C.HOLDS)])[0] == C.HOLDS
@@ -181,6 +241,7 @@ def _fixture_observations(claim) -> list:
     """Every variant x seed with a value for every metric the claim's rules and bars use."""
     rng = np.random.default_rng(0)
     metrics = {r.metric for r in claim.spec.rules} | set(claim.spec.plot.bars)
+    metrics |= set(claim.spec.plot.across)
     seeds = claim.spec.seeds or [1, 2, 3]
     out = []
     for v in claim.spec.variants or claim.variant_names:
@@ -218,6 +279,7 @@ def test_report_renders_every_claim(tmp_path):
     first = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(first)[:4] == b"\x89PNG" and "http" not in page.split("<body>")[1]
     assert "gradients.png" in markdown and "claims.json" in {f.name for f in files}
+    assert "claim-attention-translation-across.png" in markdown
     # the long-dependency table shows mean [interval] (seeds) and the diverged run
     assert "diverged" in markdown
 
@@ -322,7 +384,7 @@ def test_quick_report_end_to_end_then_reused(tmp_path, monkeypatch, capsys, mnis
     for name in CLAIMS:
         assert f"claims: {name}: " in out
     page = (tmp_path / "r" / "claims.html").read_text()
-    for name in CLAIMS[:7]:  # the claims this report trains: every code path ran
+    for name in CLAIMS[:8]:  # the claims this report trains: every code path ran
         assert f"{name}: not run" not in page and f"{name}: " in page
     assert "Error:" not in page
     # the proposal rows come from the committed benchmark result

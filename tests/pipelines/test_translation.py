@@ -44,7 +44,7 @@ def _corpus(path, n: int, seed: int = 0):
     return path
 
 
-def _config(path, model="seq2seq", **train):
+def _config(path, model="seq2seq", task_options=None, test_size=2, **train):
     return validate_config(
         {
             "name": "tiny-nmt",
@@ -61,9 +61,10 @@ def _config(path, model="seq2seq", **train):
                 "name": "tsv_translation",
                 "path": str(path),
                 "direction": "reverse",
-                "test_size": 2,
+                "test_size": test_size,
                 "validation_size": 2,
             },
+            "task_options": dict(task_options or {}),
             "train": {
                 "epochs": 1,
                 "batch_size": 20,
@@ -170,7 +171,7 @@ def test_evaluate_and_artifacts(trained, tmp_path):
     task, inputs, model = trained
     evaluation = task.evaluate(model, inputs)
     metrics = evaluation.metrics
-    assert set(TranslationTask.metric_names(task.config, task.options)) == set(metrics)
+    _check_metric_names(task, evaluation)
     assert 0.0 <= metrics["bleu"] <= 100.0 + 1e-6 and 0.0 <= metrics["exact_match"] <= 1.0
     signature = evaluation.tags["bleu.signature"]
     assert "case:lc" in signature and "tok:13a" in signature
@@ -184,6 +185,8 @@ def test_evaluate_and_artifacts(trained, tmp_path):
         "test_translations.jsonl",
         "bleu_signature.txt",
         "attention_0.png",
+        "bleu_by_length.csv",
+        "bleu_by_length.png",
     } <= names
     assert (tmp_path / "bleu_signature.txt").read_text().strip() == signature
 
@@ -199,7 +202,7 @@ def test_model_without_attention_evaluates_and_draws_no_attention_maps(tmp_path)
     assert not model.use_attention
     model.fit(inputs.train, epochs=2, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
     evaluation = task.evaluate(model, inputs)
-    assert set(TranslationTask.metric_names(task.config, task.options)) == set(evaluation.metrics)
+    _check_metric_names(task, evaluation)
     out = tmp_path / "artifacts"
     out.mkdir()
     for write in evaluation.artifacts:
@@ -207,6 +210,90 @@ def test_model_without_attention_evaluates_and_draws_no_attention_maps(tmp_path)
     names = {p.name for p in out.iterdir()}
     assert {"sample_translations.md", "bleu_signature.txt"} <= names
     assert not any(name.startswith("attention_") for name in names)
+
+
+def _check_metric_names(task, evaluation):
+    """``metric_names`` is what ``evaluate`` returns, less the BLEU of empty buckets."""
+    names = set(TranslationTask.metric_names(task.config, task.options))
+    empty = {
+        "bleu_len_" + k.removeprefix("sentences_len_")
+        for k, v in evaluation.run_metrics.items()
+        if k.startswith("sentences_len_") and v == 0
+    }
+    assert set(evaluation.metrics) == names - empty
+
+
+def test_bleu_by_source_length_bucket(tmp_path):
+    """The task's bucket metrics and artifacts: each bucket's BLEU is sacrebleu's corpus
+    BLEU over the test sentences whose source has that many tokens."""
+    import csv
+    import json
+
+    import sacrebleu
+
+    from data.text import tokenize
+
+    keras.utils.set_random_seed(0)
+    path = _corpus(tmp_path / "tiny.tsv", 80)
+    buckets = {"length_buckets": [1, 5, 6, 40]}  # 40+: empty (sources have 3-7 tokens)
+    config = _config(path, task_options=buckets, test_size=30, steps_per_epoch=3)
+    task = TranslationTask(RunContext(config))
+    inputs = task.build_inputs()
+    model = task.build_model(inputs)
+    model.fit(inputs.train, epochs=1, steps_per_epoch=3, verbose=0)
+    evaluation = task.evaluate(model, inputs)
+    _check_metric_names(task, evaluation)
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    for write in evaluation.artifacts:
+        write(out)
+    records = [
+        json.loads(line) for line in (out / "test_translations.jsonl").read_text().splitlines()
+    ]
+    lengths = [len(t) for t in tokenize([r["source"] for r in records])]
+    metric = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
+    rows = {r["bucket"]: r for r in csv.DictReader((out / "bleu_by_length.csv").open())}
+    assert list(rows) == ["1-4", "5", "6-39", "40+"]
+    for label, span, lo, hi in (("1_4", "1-4", 1, 4), ("5", "5", 5, 5), ("6_39", "6-39", 6, 39)):
+        picks = [r for r, n in zip(records, lengths, strict=True) if lo <= n <= hi]
+        assert picks, label  # the corpus has sources of every length 3-7
+        want = metric.corpus_score(
+            [r["translation"] for r in picks], [[r["reference"] for r in picks]]
+        ).score
+        assert evaluation.metrics[f"bleu_len_{label}"] == pytest.approx(want)
+        assert evaluation.run_metrics[f"sentences_len_{label}"] == len(picks)
+        assert int(rows[span]["sentences"]) == len(picks)
+        assert float(rows[span]["bleu"]) == pytest.approx(want, abs=1e-4)
+    # the empty bucket: a count of 0, no BLEU (not a 0 that would read as a result)
+    assert "bleu_len_40_plus" not in evaluation.metrics
+    assert evaluation.run_metrics["sentences_len_40_plus"] == 0
+    assert rows["40+"]["sentences"] == "0" and rows["40+"]["bleu"] == ""
+    assert (out / "bleu_by_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "buckets",
+    [[5, 3], [], [0, 4], [1, 1, 4], "1,5", [1, 2.5], [True, 4], None],
+)
+def test_invalid_length_buckets_name_the_field(tmp_path, buckets):
+    from pipelines.train import check_config
+
+    config = _config(tmp_path / "corpus.tsv", task_options={"length_buckets": buckets})
+    with pytest.raises(ConfigError, match=r"task_options\.length_buckets: .*strictly increasing"):
+        check_config(config)
+
+
+def test_length_buckets_default_and_unknown_options(tmp_path):
+    from pipelines.train import check_config
+
+    config = _config(tmp_path / "corpus.tsv")
+    names = TranslationTask.metric_names(config, None)
+    assert {"bleu_len_1_4", "bleu_len_5", "bleu_len_6", "bleu_len_7_plus"} <= set(names)
+    config = _config(tmp_path / "corpus.tsv", task_options={"length_bucket": [1, 5]})
+    with pytest.raises(
+        ConfigError, match="task_options.length_bucket: unknown option.*length_buckets"
+    ):
+        check_config(config)
 
 
 @pytest.mark.slow
@@ -241,10 +328,21 @@ def test_through_the_driver_and_reexport(tmp_path, monkeypatch):
     run = MlflowClient(uri).get_run(summary.run_id)
     assert "tok:13a" in run.data.tags["bleu.signature"]
     assert {"num_params", "seconds_per_epoch", "eval_bleu"} <= set(run.data.metrics)
+    # the default buckets: a BLEU per non-empty bucket, a count per bucket
+    counts = {k: v for k, v in run.data.metrics.items() if k.startswith("sentences_len_")}
+    assert set(counts) == {f"sentences_len_{x}" for x in ("1_4", "5", "6", "7_plus")}
+    assert sum(counts.values()) == 2  # the test split
+    for name, count in counts.items():
+        bleu = f"eval_bleu_len_{name.removeprefix('sentences_len_')}"
+        assert (bleu in run.data.metrics) == (count > 0), (name, count)
     artifacts = Path(summary.run_dir) / "artifacts"
-    assert {"bleu_signature.txt", "sample_translations.md", "learning_curves.png"} <= {
-        p.name for p in artifacts.iterdir()
-    }
+    assert {
+        "bleu_signature.txt",
+        "sample_translations.md",
+        "learning_curves.png",
+        "bleu_by_length.csv",
+        "bleu_by_length.png",
+    } <= {p.name for p in artifacts.iterdir()}
     sentences = tf.constant(["Ich sehe den Hund.", ""])
     served = tf.saved_model.load(summary.export_path).signatures["serving_default"]
     again = export_registered(f"models:/tiny-nmt/{summary.model_version}", tmp_path / "re", uri)
@@ -276,8 +374,35 @@ def test_config_checks_name_the_field(tmp_path):
 def test_shipped_translation_configs_validate():
     from pipelines.train import check_config
 
-    for name in ("nmt-deu-eng", "nmt-deu-eng-lstm"):
+    for name in ("nmt-deu-eng", "nmt-deu-eng-lstm", "claim-attention-translation"):
         check_config(load_config(name))
+
+
+def test_bleu_by_length_is_sacrebleu_per_bucket():
+    import sacrebleu
+
+    from pipelines.evaluation.text import bleu_by_length, check_length_buckets
+
+    hyps = ["a cat", "the dog runs", "he sees the red house", "we like it", "x", "big tree"]
+    refs = ["a cat", "the dog ran", "he sees a red house", "we like that", "y", "a big tree"]
+    lengths = [2, 3, 5, 4, 1, 9]
+    got = bleu_by_length(hyps, refs, lengths, [2, 4, 6, 20])
+    assert [b.label for b in got] == ["2_3", "4_5", "6_19", "20_plus"]
+    assert [b.span for b in got] == ["2-3", "4-5", "6-19", "20+"]
+    assert [b.count for b in got] == [2, 2, 1, 0]  # the 1-token source is in no bucket
+    metric = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
+    for bucket, picks in zip(got[:3], ([0, 1], [2, 3], [5]), strict=True):
+        want = metric.corpus_score([hyps[i] for i in picks], [[refs[i] for i in picks]]).score
+        assert bucket.score == pytest.approx(want)
+    assert got[3].score is None  # empty
+    assert got[0].score != got[1].score  # the buckets are scored apart
+    assert bleu_by_length([], [], [], [1])[0].count == 0
+    with pytest.raises(ValueError, match="2 hypotheses but 1 lengths"):
+        bleu_by_length(hyps[:2], refs[:2], [1], [1])
+    with pytest.raises(
+        ValueError, match="length_buckets must be .*Received: length_buckets=\\[3, 2\\]"
+    ):
+        check_length_buckets([3, 2])
 
 
 def test_text_metrics():
