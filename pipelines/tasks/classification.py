@@ -134,5 +134,5 @@ class ClassificationTask(Task):
             endpoints,
             exported=served if served is not network else None,
             precision=precision,
-            metadata={"folded_batch_norm": folded},
+            metadata={"folded_batch_norm": folded} if served is not network else {},
         )
