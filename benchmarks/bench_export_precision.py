@@ -133,7 +133,12 @@ def agreement_run(epochs: int, steps: int, root: Path) -> dict:
             f"export.serving_dir={root / 'serving'}",
         ],
     )
-    summary = run_experiment(config)
+    old = Path.cwd()
+    os.chdir(root)  # MLflow's artifact folder lands beside the temporary store
+    try:
+        summary = run_experiment(config)
+    finally:
+        os.chdir(old)
     meta = json.loads(
         (Path(summary.export_path) / "assets.extra/deeptrends_export.json").read_text()
     )

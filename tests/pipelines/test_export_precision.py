@@ -197,6 +197,20 @@ def test_bfloat16_export_serves_float32_and_computes_in_bfloat16(bf16_run):
     assert total == 2000 and same / total >= 0.995
 
 
+@pytest.mark.slow
+def test_reexport_of_a_bfloat16_version_applies_the_gate(bf16_run, tmp_path):
+    from pipelines.serving.export import METADATA_FILE
+    from pipelines.serving.reexport import export_registered
+
+    config, summary = bf16_run
+    path = export_registered(
+        f"models:/{config.registered_model_name}/1", tmp_path, config.tracking.uri
+    )
+    meta = json.loads((path / METADATA_FILE).read_text())
+    assert meta["precision"] == "bfloat16" and meta["agreement_images"] == 2000
+    assert meta["top1_agreement"] == pytest.approx(summary.metrics["export_bf16_top1_agreement"])
+
+
 def test_the_agreement_gate_refuses_to_publish(tmp_path):
     tf = pytest.importorskip("tensorflow")
     import mlflow
