@@ -211,8 +211,9 @@ def test_reexport_of_a_bfloat16_version_applies_the_gate(bf16_run, tmp_path):
     assert meta["top1_agreement"] == pytest.approx(summary.metrics["export_bf16_top1_agreement"])
 
 
-def test_the_agreement_gate_refuses_to_publish(tmp_path):
+def test_the_agreement_gate_refuses_to_publish(tmp_path, monkeypatch):
     tf = pytest.importorskip("tensorflow")
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact folder
     import mlflow
 
     from pipelines.publication import Publication
