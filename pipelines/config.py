@@ -222,6 +222,18 @@ class ExportConfig(_Section):
         le=INT32_MAX,
         description="image_bytes signatures refuse images whose header promises more pixels",
     )
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="bfloat16: the serving graph computes in bfloat16 (BatchNorm folded into "
+        "its convolution) behind the same float32 inputs and outputs; classification only",
+    )
+    min_top1_agreement: float = Field(
+        0.995,
+        ge=0.0,
+        le=1.0,
+        description="a bfloat16 export is published only if its top-1 class equals the "
+        "float32 model's on at least this fraction of the eval split",
+    )
 
 
 class ExperimentConfig(_Section):

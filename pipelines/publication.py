@@ -42,6 +42,7 @@ class Published:
     aliases: list[str] = field(default_factory=list)
     gate: dict[str, Any] = field(default_factory=dict)
     export_max_abs_diff: float | None = None
+    export_metrics: dict[str, float] = field(default_factory=dict)  # bfloat16 agreement
     reconciled: list[str] = field(default_factory=list)
 
 
@@ -58,8 +59,12 @@ class Publication:
         self._staged = None
         self._version: str | None = None
         self._export_path: Path | None = None
+        self._eval_data = None
 
-    def publish(self, serving: Serving, metrics: dict[str, float]) -> Published:
+    def publish(self, serving: Serving, metrics: dict[str, float], eval_data=None) -> Published:
+        """``eval_data``: the eval split, where a reduced-precision export (``serving.
+        precision``) must agree with the float32 model before it is published."""
+        self._eval_data = eval_data
         lock = Path(self.config.export.serving_dir) / f".{self.config.registered_model_name}.lock"
         with file_lock(lock), _sigterm_raises():
             try:
@@ -102,15 +107,28 @@ class Publication:
         config, tracker = self.config, self.tracker
         if config.export.enabled:
             self._staged = export.write_saved_model(
-                serving.model,
+                serving.network,
                 serving.endpoints,
                 self.serving_root / "staging",
                 model_name=config.registered_model_name,
                 warmup_requests=config.export.warmup_requests,
                 atol=export.tolerance(config.export.atol, config.runtime.mixed_precision),
+                metadata={"precision": serving.precision, **serving.metadata},
+                traced=serving.precision != "float32",
             )
             out.export_max_abs_diff = self._staged.max_abs_diff
             tracker.log_metrics({"export_max_abs_diff": self._staged.max_abs_diff})
+            tracker.set_tags({"deeptrends.export_precision": serving.precision})
+            if serving.precision != "float32":  # refused below the threshold: undone
+                from pipelines.serving.precision import verify_agreement
+
+                out.export_metrics = verify_agreement(
+                    self._staged.path,
+                    serving,
+                    self._eval_data,
+                    config.export.min_top1_agreement,
+                    log_metrics=tracker.log_metrics,
+                )
         self._step("exported")
         self._version = tracker.register(serving.model)
         self._step("registered")

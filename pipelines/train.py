@@ -50,6 +50,11 @@ def check_config(config: ExperimentConfig) -> None:
         task = get_task(config.task)
         options = task.parse_options(config)
         task.check(config, options)
+        if config.export.precision not in task.export_precisions:
+            raise ValueError(
+                f"export.precision: {config.export.precision!r} is not supported by task "
+                f"{config.task!r}. Accepted for this task: {', '.join(task.export_precisions)}."
+            )
         if config.tracking.enabled and config.tracking.log_model:
             gate, produced = config.tracking.gate.metric, task.metric_names(config, options)
             if gate not in produced:
@@ -147,10 +152,13 @@ def run_experiment(config: ExperimentConfig) -> RunSummary:
 
         # -- publish: export, register, gate (undone as a whole on failure) -----------------
         serving = task.serving(model, inputs.info, inputs.check_batch)
-        published = Publication(config, tracker).publish(serving, evaluation.metrics)
+        published = Publication(config, tracker).publish(
+            serving, evaluation.metrics, eval_data=inputs.eval
+        )
     metrics = dict(evaluation.metrics)
     if published.export_max_abs_diff is not None:
         metrics["export_max_abs_diff"] = published.export_max_abs_diff
+    metrics.update(published.export_metrics)
     return RunSummary(
         run_id=tracker.run_id,
         experiment=config.experiment_name,

@@ -27,6 +27,8 @@ from pipelines.tasks.base import Endpoint
 log = logging.getLogger(__name__)
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+# precision and agreement of the export (TF Serving ignores the file)
+METADATA_FILE = "assets.extra/deeptrends_export.json"
 # float16/bfloat16 models: the graph and eager paths round differently (fused kernels)
 MIXED_PRECISION_ATOL = 1e-2
 
@@ -110,11 +112,17 @@ def write_saved_model(
     model_name: str,
     warmup_requests: int = 4,
     atol: float = 1e-5,
+    metadata: dict | None = None,
+    traced: bool = False,
 ) -> ExportResult:
     """Write, reload and verify a SavedModel in a temporary directory beside ``target``.
 
-    Returns the result with ``path`` set to the temporary directory; call ``publish``
-    to move it into place. On any failure the temporary directory is removed.
+    ``model`` is the network the endpoints run; ``metadata`` (JSON) is written to
+    ``METADATA_FILE``. ``traced``: compare with the endpoints run as a ``tf.function``
+    (a bfloat16 graph rounds where its kernels fuse, eagerly elsewhere, so only a traced
+    run checks what saving kept, to float32 precision). Returns the result with ``path`` set to the temporary directory;
+    call ``publish`` to move it into place. On any failure the temporary directory is
+    removed.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
@@ -126,6 +134,8 @@ def write_saved_model(
         archive.write_out(str(tmp), verbose=False)
         if warmup_requests:
             _write_warmup(tmp / WARMUP_FILE, model_name, endpoints, warmup_requests)
+        if metadata:
+            write_metadata(tmp, metadata)
 
         reloaded = tf.saved_model.load(str(tmp))
         worst = 0.0
@@ -133,7 +143,7 @@ def write_saved_model(
             if not ep.check_inputs:
                 continue
             args = [tf.constant(v) for v in ep.check_inputs]
-            expected = ep.fn(*args)
+            expected = (tf.function(ep.fn) if traced else ep.fn)(*args)
             kwargs = {spec.name: a for spec, a in zip(ep.input_signature, args, strict=False)}
             got = reloaded.signatures[ep.name](**kwargs)
             worst = max(worst, _compare(ep.name, expected, got, atol))
@@ -141,6 +151,14 @@ def write_saved_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_metadata(path: Path, values: dict) -> None:
+    """Merge ``values`` into the export's ``METADATA_FILE``."""
+    file = path / METADATA_FILE
+    current = json.loads(file.read_text()) if file.exists() else {}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({**current, **values}, indent=2) + "\n")
 
 
 def publish(result: ExportResult, target: Path) -> Path:

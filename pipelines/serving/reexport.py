@@ -1,7 +1,8 @@
 """Re-export a registered model version as a TF Serving SavedModel (``deeptrends export``).
 
 The version's run holds the resolved ``config.yaml`` and ``dataset_info.json``; with them
-the task rebuilds the same serving endpoints around the logged Keras model.
+the task rebuilds the same serving endpoints around the logged Keras model (a bfloat16
+export, ``export.precision``, is compared with it on the rebuilt eval split first).
 """
 
 from __future__ import annotations
@@ -51,11 +52,22 @@ def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | Non
     serving = task.serving(model, task.Info.from_dict(info))
     target = serving_dir / name / str(mv.version)
     staged = export.write_saved_model(
-        serving.model,
+        serving.network,
         serving.endpoints,
         target,
         model_name=name,
         warmup_requests=config.export.warmup_requests,
         atol=config.export.atol,
+        metadata={"precision": serving.precision, **serving.metadata},
+        traced=serving.precision != "float32",
     )
+    if serving.precision != "float32":  # the same agreement gate as a training run's
+        from pipelines.serving.precision import verify_agreement
+
+        try:
+            inputs = task.build_inputs()
+            verify_agreement(staged.path, serving, inputs.eval, config.export.min_top1_agreement)
+        except BaseException:
+            export.discard(staged)
+            raise
     return export.publish(staged, target)

@@ -171,10 +171,23 @@ class Endpoint:
 @dataclass
 class Serving:
     """The network that is logged and registered, and the signatures exported for it
-    (the first endpoint is ``serving_default``)."""
+    (the first endpoint is ``serving_default``).
+
+    ``exported``: the network the endpoints run when it is not ``model`` (the bfloat16
+    inference copy of ``export.precision: bfloat16``); ``model`` is then the float32
+    reference the export is compared with on the eval split before it is published.
+    ``metadata``: what ``assets.extra/deeptrends_export.json`` records of the export."""
 
     model: Any
     endpoints: list[Endpoint]
+    exported: Any = None
+    precision: str = "float32"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def network(self) -> Any:
+        """The network the SavedModel holds."""
+        return self.model if self.exported is None else self.exported
 
 
 class NoOptions(BaseModel):
@@ -207,6 +220,8 @@ class Task(abc.ABC):
     name: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
     Info: ClassVar[type[DatasetInfo]] = DatasetInfo
+    # the ``export.precision`` values the task's ``serving`` honours
+    export_precisions: ClassVar[tuple[str, ...]] = ("float32",)
 
     def __init__(self, context: RunContext):
         self.context = context

@@ -24,6 +24,7 @@ from pipelines.callbacks import EpochsToTarget, GradientNorms, TimeLimit
 from pipelines.evaluation import classification as metrics
 from pipelines.image_inputs import ImageInfo, image_info, image_input_spec, resolve_preprocessing
 from pipelines.optim import build_optimizer
+from pipelines.serving.precision import PRECISIONS, inference_copy
 from pipelines.serving.signatures import image_classifier_endpoints
 from pipelines.tasks.base import Evaluation, Inputs, Serving, Task, first_batch, register_task
 from pipelines.trainers.aux_heads import compile_classifier, served_network, with_aux_heads
@@ -54,6 +55,7 @@ class ClassificationTask(Task):
 
     Options = ClassificationOptions
     Info = ImageInfo
+    export_precisions = PRECISIONS
 
     @classmethod
     def metric_names(cls, config, options) -> tuple[str, ...]:
@@ -121,7 +123,16 @@ class ClassificationTask(Task):
 
     def serving(self, model, info: ImageInfo, check_batch=None) -> Serving:
         network = served_network(model)
+        precision, served, folded = self.config.export.precision, network, 0
+        if precision != "float32":  # a bfloat16 inference copy behind the same signatures
+            served, folded = inference_copy(network, precision)
         endpoints = image_classifier_endpoints(
-            network, info, check_batch, self.config.export.max_image_pixels
+            served, info, check_batch, self.config.export.max_image_pixels
         )
-        return Serving(network, endpoints)
+        return Serving(
+            network,
+            endpoints,
+            exported=served if served is not network else None,
+            precision=precision,
+            metadata={"folded_batch_norm": folded} if served is not network else {},
+        )
