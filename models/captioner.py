@@ -140,6 +140,9 @@ class CaptionDecoder(keras.layers.Layer):
         annotation_norm: str. How the annotations are normalised before anything reads
             them: ``batch`` (per channel, over batch and locations), ``layer`` (per location)
             or ``none`` (the paper; VGG's rectified maps reach values in the thousands).
+        annotation_dropout: float. In training, the rate at which whole annotation
+            channels are dropped (the same channels at every location, for the initial
+            state and the attention alike: ``SpatialDropout1D``); 0 (the paper) drops none.
     """
 
     def __init__(
@@ -153,6 +156,7 @@ class CaptionDecoder(keras.layers.Layer):
         dropout: float,
         attention_penalty: float,
         annotation_norm: str,
+        annotation_dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -176,6 +180,12 @@ class CaptionDecoder(keras.layers.Layer):
             self.norm = keras.layers.LayerNormalization(axis=-1, name="annotation_norm")
         else:
             self.norm = None
+        self.annotation_dropout = check_dropout(annotation_dropout, "annotation_dropout")
+        self.feature_dropout = (
+            keras.layers.SpatialDropout1D(annotation_dropout, name="annotation_dropout")
+            if annotation_dropout
+            else None
+        )
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
         self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c")
@@ -213,6 +223,8 @@ class CaptionDecoder(keras.layers.Layer):
         else the annotations again), initial states [h0, c0] from the mean annotation)."""
         if self.norm is not None:
             annotations = self.norm(annotations, training=training)
+        if self.feature_dropout is not None:
+            annotations = self.feature_dropout(annotations, training=training)
         mean = ops.mean(annotations, axis=1)
         states = [self.init_h(mean), self.init_c(mean)]
         keys = self.attend.project_keys(annotations) if self.soft else annotations
@@ -304,6 +316,7 @@ class CaptionDecoder(keras.layers.Layer):
             "dropout": self.dropout,
             "attention_penalty": self.attention_penalty,
             "annotation_norm": self.annotation_norm,
+            "annotation_dropout": self.annotation_dropout,
         }
 
 
@@ -336,6 +349,7 @@ class Captioner(keras.Model):
         length_penalty: float,
         max_decode_length: int | None,
         ban_unknown: bool,
+        annotation_dropout: float = 0.0,
         **kwargs,
     ):
         check_choice("normalization", normalization, NORMALIZATIONS)
@@ -366,6 +380,7 @@ class Captioner(keras.Model):
             dropout=dropout,
             attention_penalty=attention_penalty,
             annotation_norm=annotation_norm,
+            annotation_dropout=annotation_dropout,
             name="decoder",
         )
         normalize = ImageNormalization(normalization, name="normalization")
@@ -398,6 +413,7 @@ class Captioner(keras.Model):
         self.dropout = dropout
         self.attention_penalty = float(attention_penalty)
         self.annotation_norm = annotation_norm
+        self.annotation_dropout = float(annotation_dropout)
         self.beam_width = beam_width
         self.length_penalty = float(length_penalty)
         self.max_decode_length = max_decode_length
@@ -435,6 +451,7 @@ class Captioner(keras.Model):
             "dropout": self.dropout,
             "attention_penalty": self.attention_penalty,
             "annotation_norm": self.annotation_norm,
+            "annotation_dropout": self.annotation_dropout,
             "beam_width": self.beam_width,
             "length_penalty": self.length_penalty,
             "max_decode_length": self.max_decode_length,
@@ -461,6 +478,7 @@ def captioner(
     dropout: float = 0.5,
     attention_penalty: float = 1.0,
     annotation_norm: str = "batch",
+    annotation_dropout: float = 0.0,
     beam_width: int = 3,
     length_penalty: float = 0.0,
     max_decode_length: int | None = None,
@@ -488,6 +506,8 @@ def captioner(
         attention_penalty: float. ``lambda`` of the doubly stochastic penalty (1 in the
             authors' code; 0 turns it off).
         annotation_norm: str. ``batch``, ``layer`` or ``none`` (see ``CaptionDecoder``).
+        annotation_dropout: float. Channel dropout on the annotations in training (see
+            ``CaptionDecoder``; 0 in the paper).
         beam_width: int. Generation default: 1 greedy, more beam search.
         length_penalty: float. Generation default: the GNMT length-penalty exponent.
         max_decode_length: int or None. Generation default: the most words; None lets the
@@ -510,6 +530,7 @@ def captioner(
         dropout=dropout,
         attention_penalty=attention_penalty,
         annotation_norm=annotation_norm,
+        annotation_dropout=annotation_dropout,
         beam_width=beam_width,
         length_penalty=length_penalty,
         max_decode_length=max_decode_length,

@@ -138,3 +138,25 @@ def test_show_and_tell_has_no_attention():
     _, _, alpha = model.decode_step(tokens[:, 0], states, *context)
     assert np.all(np.asarray(alpha) == 0)  # the step protocol's "no attention"
     assert len(model.weights) < len(models.create_model("show_attend_tell", **SMALL).weights)
+
+
+def test_annotation_dropout_drops_whole_channels_in_training_only():
+    keras.utils.set_random_seed(0)
+    model = models.create_model(
+        "show_attend_tell", **{**SMALL, "annotation_norm": "none", "annotation_dropout": 0.5}
+    )
+    decoder = model.decoder
+    annotations = np.ones((2, 6, model.grid[-1]), "float32")
+    dropped, _, _ = decoder.encode(annotations, training=True)
+    dropped = np.asarray(dropped)
+    # the same channels are zero at every location; the kept ones scaled by 1 / (1 - rate)
+    assert np.all(dropped == dropped[:, :1, :])
+    assert set(np.unique(dropped)) <= {0.0, 2.0} and (dropped == 0).any()
+    kept, _, _ = decoder.encode(annotations, training=False)
+    np.testing.assert_array_equal(np.asarray(kept), annotations)
+    # the setting round-trips through the config, and a bad rate names the field
+    assert model.get_config()["annotation_dropout"] == 0.5
+    assert decoder.get_config()["annotation_dropout"] == 0.5
+    with pytest.raises(ValueError, match="annotation_dropout"):
+        models.create_model("show_attend_tell", **{**SMALL, "annotation_dropout": 1.5})
+    assert models.create_model("show_attend_tell", **SMALL).decoder.feature_dropout is None
