@@ -209,3 +209,13 @@ class LocalResponseNormalization(keras.layers.Layer):
         config = super().get_config()
         config.update({"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k})
         return config
+
+
+def leaf_layers(model):
+    """Every layer of ``model`` that is not itself a model, nested models walked in order
+    (a backbone inside a classifier, the encoder of a captioner)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from leaf_layers(layer)
+        else:
+            yield layer

@@ -68,8 +68,10 @@ def forward_flops(model) -> float:
     convolutions and dense layers (BatchNorm, activations and pooling left out)."""
     import keras
 
+    from models.layers import leaf_layers
+
     total = 0.0
-    for layer in _layers(model):
+    for layer in leaf_layers(model):
         if isinstance(layer, keras.layers.Conv2D):
             kh, kw = layer.kernel_size
             cin = layer.input.shape[-1]
@@ -78,16 +80,6 @@ def forward_flops(model) -> float:
         elif isinstance(layer, keras.layers.Dense):
             total += 2.0 * layer.input.shape[-1] * layer.units
     return total
-
-
-def _layers(model):
-    import keras
-
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _layers(layer)
-        else:
-            yield layer
 
 
 def _builders(name: str, image_size: int, num_classes: int):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from models.layers import leaf_layers
 from pipelines.evaluation.classification import main_output
 
 PRECISIONS = ("float32", "bfloat16")
@@ -35,14 +36,6 @@ class AgreementTooLow(RuntimeError):
     """The reduced-precision export disagrees with the float32 model too often."""
 
 
-def _walk(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
-        else:
-            yield layer
-
-
 def _output_layers(model) -> set[str]:
     return {t._keras_history.operation.name for t in model.outputs}
 
@@ -51,7 +44,7 @@ def foldable_pairs(model) -> dict[str, str]:
     """``{batch_norm_name: conv_name}`` of each BatchNorm (channels last, inference) whose
     one input is a linear ``Conv2D`` that nothing else reads."""
     pairs = {}
-    for layer in _walk(model):
+    for layer in leaf_layers(model):
         if type(layer) is not keras.layers.BatchNormalization or len(layer._inbound_nodes) != 1:
             continue
         parents = layer._inbound_nodes[0].parent_nodes
@@ -114,9 +107,9 @@ def inference_copy(model, precision: str = "bfloat16", fold_batch_norm: bool = T
         return layer(*args) if layer.name in pairs else layer(*args, **kwargs)
 
     copy = keras.models.clone_model(model, clone_function=clone, call_function=call, recursive=True)
-    source = {layer.name: layer for layer in _walk(model)}
+    source = {layer.name: layer for layer in leaf_layers(model)}
     folded_into = {conv: bn for bn, conv in pairs.items()}
-    for layer in _walk(copy):
+    for layer in leaf_layers(copy):
         original = source[layer.name]
         if layer.name in folded_into:
             layer.set_weights(_folded(original, source[folded_into[layer.name]]))

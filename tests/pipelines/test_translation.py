@@ -203,13 +203,18 @@ def test_model_without_attention_evaluates_and_draws_no_attention_maps(tmp_path)
     model.fit(inputs.train, epochs=2, steps_per_epoch=inputs.steps_per_epoch, verbose=0)
     evaluation = task.evaluate(model, inputs)
     _check_metric_names(task, evaluation)
-    out = tmp_path / "artifacts"
-    out.mkdir()
-    for write in evaluation.artifacts:
-        write(out)
+    out = _write_artifacts(evaluation, tmp_path / "artifacts")
     names = {p.name for p in out.iterdir()}
     assert {"sample_translations.md", "bleu_signature.txt"} <= names
     assert not any(name.startswith("attention_") for name in names)
+
+
+def _write_artifacts(evaluation, out):
+    """Write every artifact of ``evaluation`` into the new folder ``out``; returns it."""
+    out.mkdir()
+    for write in evaluation.artifacts:
+        write(out)
+    return out
 
 
 def _check_metric_names(task, evaluation):
@@ -243,10 +248,7 @@ def test_bleu_by_source_length_bucket(tmp_path):
     model.fit(inputs.train, epochs=1, steps_per_epoch=3, verbose=0)
     evaluation = task.evaluate(model, inputs)
     _check_metric_names(task, evaluation)
-    out = tmp_path / "artifacts"
-    out.mkdir()
-    for write in evaluation.artifacts:
-        write(out)
+    out = _write_artifacts(evaluation, tmp_path / "artifacts")
     records = [
         json.loads(line) for line in (out / "test_translations.jsonl").read_text().splitlines()
     ]
