@@ -1,7 +1,8 @@
 """Per-step cost of the shared training loop against Keras ``Model.fit`` and a hand-written
 ``tf.function`` train step, on LeNet-5 (32x32x1, Adam, sparse cross-entropy + accuracy), in
 one process: the implementations alternate, round after round, and the median round of each
-is reported (ms/step), so that background load hits all of them alike.
+is reported (ms/step), with the median of the per-round ratios to Keras ``fit`` and to the
+hand-written step, so that background load hits all of them alike.
 
     flock /tmp/deeptrends-bench.lock nice -n 10 .venv/bin/python benchmarks/bench_loop.py
 
@@ -148,6 +149,16 @@ class HandRunner:
         return time.perf_counter() - t0
 
 
+def paired_ratios(times: dict[str, list[float]], ref: str) -> dict[str, float]:
+    """Each implementation's median over rounds of its time / ``ref``'s time in the same
+    round: the implementations of one round run back to back, so a slow spell of the
+    machine (the rounds here spread by +-30 %) cancels out of the ratio."""
+    return {
+        k: statistics.median(a / b for a, b in zip(v, times[ref], strict=True))
+        for k, v in times.items()
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
@@ -174,10 +185,18 @@ def main(argv=None) -> int:
             for name, r in runners.items():
                 times[name].append(r.run() / args.steps * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
-        report["batches"][str(batch)] = {"median_ms_per_step": med, "all_ms_per_step": times}
-        print(f"batch {batch} (median of {args.rounds} rounds, ms/step):")
+        paired = {ref: paired_ratios(times, ref) for ref in ("keras.fit", "hand-written step")}
+        report["batches"][str(batch)] = {
+            "median_ms_per_step": med,
+            "median_paired_ratio": paired,
+            "all_ms_per_step": times,
+        }
+        print(f"batch {batch} (median of {args.rounds} rounds, ms/step; median per-round ratio):")
         for k, v in med.items():
-            print(f"  {k:24s} {v:7.2f}  ({v / med['hand-written step']:.2f}x hand-written)")
+            print(
+                f"  {k:24s} {v:7.2f}  {paired['keras.fit'][k]:.2f}x keras.fit  "
+                f"{paired['hand-written step'][k]:.2f}x hand-written"
+            )
     report["load_average_1m_end"] = os.getloadavg()[0]
     print(
         f"load average (1 min): {report['load_average_1m_start']:.2f} -> "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import keras
 
 from models.checks import check_dropout, check_image_shape, check_positive_int, check_positive_ints
+from models.layers import FusedBatchNormalization
 from models.registry import register_model
 
 _DCGAN_INIT = keras.initializers.RandomNormal(stddev=0.02)
@@ -102,7 +103,7 @@ def dcgan_generator(shape, latent_dim, filters, kernel_size, name="generator"):
         name=f"{name}_project",
     )(z)
     x = keras.layers.Reshape((base_h, base_w, filters[0]), name=f"{name}_reshape")(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_project_bn")(x)
+    x = FusedBatchNormalization(name=f"{name}_project_bn")(x)
     x = keras.layers.ReLU(name=f"{name}_project_act")(x)
     for i, f in enumerate(filters[1:], start=1):
         x = keras.layers.Conv2DTranspose(
@@ -114,7 +115,7 @@ def dcgan_generator(shape, latent_dim, filters, kernel_size, name="generator"):
             kernel_initializer=_DCGAN_INIT,
             name=f"{name}_deconv{i}",
         )(x)
-        x = keras.layers.BatchNormalization(name=f"{name}_deconv{i}_bn")(x)
+        x = FusedBatchNormalization(name=f"{name}_deconv{i}_bn")(x)
         x = keras.layers.ReLU(name=f"{name}_deconv{i}_act")(x)
     x = keras.layers.Conv2DTranspose(
         c,
@@ -142,7 +143,7 @@ def dcgan_discriminator(shape, filters, kernel_size, name="discriminator"):
             name=f"{name}_conv{i}",
         )(x)
         if i > 1:  # no batch norm on the discriminator's input layer
-            x = keras.layers.BatchNormalization(name=f"{name}_conv{i}_bn")(x)
+            x = FusedBatchNormalization(name=f"{name}_conv{i}_bn")(x)
         x = keras.layers.LeakyReLU(0.2, name=f"{name}_conv{i}_act")(x)
     x = keras.layers.Flatten(name=f"{name}_flatten")(x)
     logits = keras.layers.Dense(

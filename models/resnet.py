@@ -38,6 +38,7 @@ from models.layers import (
     BN_EPSILON,
     BN_MOMENTUM,
     POOLINGS,
+    FusedBatchNormalization,
     activation_layer,
     classifier_head,
     conv_initializer,
@@ -87,7 +88,7 @@ def _conv_bn(x, filters, kernel_size, strides, name, opts):
         name=f"{name}_conv",
     )(x)
     if opts["batch_norm"]:
-        x = keras.layers.BatchNormalization(
+        x = FusedBatchNormalization(
             momentum=opts["bn_momentum"], epsilon=opts["bn_epsilon"], name=f"{name}_bn"
         )(x)
     return x
@@ -199,9 +200,7 @@ def resnet(
         name="conv1_conv",
     )(x)  # 112x112x64
     if batch_norm:
-        x = keras.layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=bn_epsilon, name="conv1_bn"
-        )(x)
+        x = FusedBatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, name="conv1_bn")(x)
     x = activation_layer(activation, "conv1_act")(x)
     x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)  # 56x56x64

@@ -23,10 +23,17 @@ from pipelines.io import write_json_atomic
 
 
 def run_key(config: ExperimentConfig) -> str:
-    """Identifies "the same command": the resolved config minus what does not change the result."""
-    d = config.to_dict()
-    d["train"].pop("verbose", None)
-    d["runtime"].pop("resume", None)
+    """Identifies "the same command": the resolved config minus what does not change the result.
+
+    Only the fields that differ from their defaults are hashed, so a field added to the schema
+    later (with a default that keeps the old behaviour) leaves every earlier run's key, and so
+    its reuse by ``resume`` and ``report claims``, as it was. The price: changing a default's
+    value changes results without changing keys, so a default is never changed in place."""
+    d = config.model_dump(mode="json", exclude_defaults=True)
+    for section, field in (("train", "verbose"), ("runtime", "resume")):
+        d.get(section, {}).pop(field, None)
+        if d.get(section) == {}:
+            del d[section]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

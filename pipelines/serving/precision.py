@@ -45,7 +45,7 @@ def foldable_pairs(model) -> dict[str, str]:
     one input is a linear ``Conv2D`` that nothing else reads."""
     pairs = {}
     for layer in leaf_layers(model):
-        if type(layer) is not keras.layers.BatchNormalization or len(layer._inbound_nodes) != 1:
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
             continue
         parents = layer._inbound_nodes[0].parent_nodes
         if len(parents) != 1:

@@ -39,6 +39,15 @@ def test_run_key_ignores_verbosity_and_the_resume_flag(tmp_path):
     assert run_key(base) != run_key(_config(tmp_path, train={"epochs": 3}))
 
 
+def test_run_key_unchanged_by_fields_left_at_their_defaults(tmp_path):
+    # A field added to the schema with a default that keeps the old behaviour (as
+    # export.precision was) must not change the key of runs made before it existed.
+    base = _config(tmp_path)
+    assert base.export.precision == "float32"
+    assert run_key(base) == run_key(_config(tmp_path, export={"precision": "float32"}))
+    assert run_key(base) != run_key(_config(tmp_path, export={"precision": "bfloat16"}))
+
+
 def test_slot_kept_when_interrupted_and_cleared_when_finished_or_failed(tmp_path):
     pytest.importorskip("tensorflow")
     from pipelines.loop import Preempted
