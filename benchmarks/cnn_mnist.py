@@ -8,6 +8,9 @@ the un-augmented training accuracy within 2 points of it. Writes
 
     DEEPTRENDS_DATA_DIR=../shared/datasets python benchmarks/cnn_mnist.py
     python benchmarks/cnn_mnist.py --config resnet18-mnist --minutes 15 --set train.epochs=12
+    python benchmarks/cnn_mnist.py --config resnet18-mnist --minutes 60 --tag fp32
+    python benchmarks/cnn_mnist.py --config resnet18-mnist --minutes 60 --tag bf16 \
+        --set runtime.mixed_precision=mixed_bfloat16   # the float32 vs bfloat16 accuracy
 
 Without the full TFDS ``mnist`` prepared, the data is the official test set split
 8,000/2,000 (stratified, seeded), from ``$DEEPTRENDS_DATA_DIR/mnist_test``.
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
     )
     parser.add_argument(
+        "--tag", default="", help="suffix of the result file (cnn-mnist-<config>[-<tag>].json)"
+    )
+    parser.add_argument(
         "--workdir", default=None, help="runs, serving and mlflow.db (default: a temp folder)"
     )
     args = parser.parse_args(argv)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.config or CONFIGS:
         result = run_one(name, args.minutes, args.set, workdir)
-        out = ROOT / "benchmarks" / "results" / f"cnn-mnist-{name}.json"
+        suffix = f"-{args.tag}" if args.tag else ""
+        out = ROOT / "benchmarks" / "results" / f"cnn-mnist-{name}{suffix}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
