@@ -34,7 +34,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
+from pipelines import kernels  # noqa: E402
 from pipelines.reports.bench import matmul_peak_of  # noqa: E402
+
+kernels.install()
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

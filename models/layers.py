@@ -21,63 +21,54 @@ class ChannelPReLU(keras.layers.PReLU):
         super().build(input_shape)
 
 
+# Fused BatchNorm kernels by Keras backend: ``kernel(layer, inputs, training) -> outputs``.
+# Backend code does not live in models/ (backend-agnostic Keras); pipelines/kernels.py
+# registers TensorFlow's.
+_BATCH_NORM_KERNELS: dict = {}
+
+
+def register_batch_norm_kernel(backend: str, kernel) -> None:
+    """Let ``FusedBatchNormalization`` compute through ``kernel`` on Keras backend ``backend``.
+
+    Args:
+        backend: str. A ``keras.backend.backend()`` name, e.g. ``tensorflow``.
+        kernel: callable. ``kernel(layer, inputs, training)``: the layer's output for a
+            channels-last rank-4 ``inputs``, updating the layer's moving statistics as Keras'
+            ``BatchNormalization`` does when ``training`` is true.
+    """
+    _BATCH_NORM_KERNELS[backend] = kernel
+
+
 @keras.saving.register_keras_serializable(package="deeptrends")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """``keras.layers.BatchNormalization`` computed by TensorFlow's fused kernel
-    (``FusedBatchNormV3``, oneDNN on CPU) for channels-last rank-4 inputs: the same
-    weights, moving-statistics update (biased batch variance, as Keras) and results to
-    float round-off, in one op per direction instead of Keras' composite of moments and
+    """``keras.layers.BatchNormalization`` computed by the backend's fused kernel where one
+    is registered (``register_batch_norm_kernel``; TensorFlow's ``FusedBatchNormV3``, oneDNN
+    on CPU, from ``pipelines.kernels``) for channels-last rank-4 inputs: the same weights,
+    moving-statistics update (biased batch variance, as Keras) and results to float
+    round-off, in one op per direction instead of Keras' composite of moments and
     element-wise ops.
 
     Under ``mixed_bfloat16`` Keras casts every BatchNorm input up to float32 and its
     output back down (a pair of casts over each activation map); the fused kernel takes the
     bfloat16 map as it is (with float32 scale, offset and statistics), so the network stays
     in bfloat16 between its convolutions. Anything else (a mask, renorm, synchronized
-    statistics, another rank or axis, a backend other than TensorFlow) is Keras' own path.
+    statistics, another rank or axis, a backend without a registered kernel) is Keras' own
+    path, with the same results.
     """
 
-    def _fused(self, inputs, mask) -> bool:
-        return (
-            keras.backend.backend() == "tensorflow"
+    def call(self, inputs, training=None, mask=None):
+        kernel = _BATCH_NORM_KERNELS.get(keras.backend.backend())
+        fusable = (
+            kernel is not None
             and mask is None
             and not self.renorm
             and not self.synchronized
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
         )
-
-    def call(self, inputs, training=None, mask=None):
-        if not self._fused(inputs, mask):
+        if not fusable:
             return super().call(inputs, training=training, mask=mask)
-        import tensorflow as tf
-
-        channels = self.moving_mean.shape[0]
-        scale = tf.cast(self.gamma, "float32") if self.scale else tf.ones([channels])
-        offset = tf.cast(self.beta, "float32") if self.center else tf.zeros([channels])
-        if training and self.trainable:
-            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                inputs, scale, offset, epsilon=self.epsilon, is_training=True
-            )[:3]
-            # The kernel returns the Bessel-corrected variance; Keras' moving variance
-            # follows the biased one that normalised the batch.
-            count = tf.cast(tf.size(inputs) // channels, "float32")
-            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
-            momentum = self.momentum
-            self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-            self.moving_variance.assign(
-                self.moving_variance * momentum + variance * (1.0 - momentum)
-            )
-        else:
-            outputs = tf.compat.v1.nn.fused_batch_norm(
-                inputs,
-                scale,
-                offset,
-                mean=tf.cast(self.moving_mean, "float32"),
-                variance=tf.cast(self.moving_variance, "float32"),
-                epsilon=self.epsilon,
-                is_training=False,
-            )[0]
-        return tf.cast(outputs, self.compute_dtype)
+        return kernel(self, inputs, bool(training and self.trainable))
 
 
 def activation_layer(activation: str, name: str) -> keras.layers.Layer:

@@ -23,7 +23,10 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from pipelines import kernels
+
 log = logging.getLogger(__name__)
+kernels.install()  # every network trained through the loop gets the fused kernels
 
 
 class Preempted(RuntimeError):

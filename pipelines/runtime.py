@@ -99,6 +99,10 @@ def configure(runtime: RuntimeConfig):
     import keras
     import tensorflow as tf
 
+    from pipelines import kernels
+
+    kernels.install()
+
     if runtime.strategy == "multi_worker" and runtime.cluster is not None:
         os.environ["TF_CONFIG"] = json.dumps(
             {

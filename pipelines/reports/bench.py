@@ -153,6 +153,9 @@ def bench(
 ) -> dict:
     """Run the benchmark under the Keras policy ``precision`` (MFU against the matmul peak
     in its compute dtype); returns (and prints) the results."""
+    from pipelines import kernels
+
+    kernels.install()
     import keras
     import numpy as np
     import tensorflow as tf
@@ -376,6 +379,9 @@ def _network(model):
 
 def bench_family(family: str, precision: str, peak: float, seconds: float, overrides=()):
     """One family in one precision: input pipeline alone, train steps, inference steps."""
+    from pipelines import kernels
+
+    kernels.install()
     import keras
     import tensorflow as tf
 

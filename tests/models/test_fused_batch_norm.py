@@ -11,6 +11,9 @@ import pytest
 import tensorflow as tf
 
 from models.layers import FusedBatchNormalization
+from pipelines import kernels
+
+kernels.install()  # TensorFlow's fused kernel (models/ itself may not import TensorFlow)
 
 
 def _pair(shape, **kwargs):
@@ -101,3 +104,22 @@ def test_saved_and_loaded_as_itself(tmp_path, training):
     assert type(loaded.get_layer("bn")) is FusedBatchNormalization
     x = tf.random.stateless_normal((2, 4, 4, 2), seed=(5, 6))
     np.testing.assert_allclose(loaded(x, training=training), model(x, training=training), atol=1e-6)
+
+
+def test_without_a_registered_kernel_it_is_keras_batch_norm(monkeypatch):
+    # models/ is backend-agnostic: on a backend with no kernel (JAX, PyTorch, or TensorFlow
+    # before pipelines.kernels.install) the layer is Keras' own, with the same results.
+    import models.layers
+
+    monkeypatch.setattr(models.layers, "_BATCH_NORM_KERNELS", {})
+    shape = (4, 3, 3, 2)
+    ours, theirs = _pair(shape)
+    x = tf.random.stateless_normal(shape, seed=(7, 8))
+
+    @tf.function
+    def train(x):
+        return ours(x, training=True)
+
+    ops = {op.type for op in train.get_concrete_function(x).graph.get_operations()}
+    assert "FusedBatchNormV3" not in ops
+    np.testing.assert_allclose(train(x), theirs(x, training=True), atol=1e-6)

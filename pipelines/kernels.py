@@ -1,0 +1,48 @@
+"""TensorFlow kernels behind backend-agnostic layers of ``models/`` (which may not import
+TensorFlow): ``install()`` registers them. ``runtime.configure`` and the loop install them, so
+every run, bench and test that trains through the pipelines computes with them.
+
+- ``fused_batch_norm``: ``models.layers.FusedBatchNormalization`` through ``FusedBatchNormV3``.
+"""
+
+from __future__ import annotations
+
+
+def fused_batch_norm(layer, inputs, training: bool):
+    """``layer``'s (a ``FusedBatchNormalization``) output for channels-last rank-4 ``inputs``;
+    with ``training``, normalised by the batch's statistics, and the moving mean and
+    variance updated as Keras' ``BatchNormalization`` updates them."""
+    import tensorflow as tf
+
+    channels = layer.moving_mean.shape[0]
+    scale = tf.cast(layer.gamma, "float32") if layer.scale else tf.ones([channels])
+    offset = tf.cast(layer.beta, "float32") if layer.center else tf.zeros([channels])
+    if training:
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, scale, offset, epsilon=layer.epsilon, is_training=True
+        )[:3]
+        # The kernel returns the Bessel-corrected variance; Keras' moving variance follows
+        # the biased one that normalised the batch.
+        count = tf.cast(tf.size(inputs) // channels, "float32")
+        variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
+        momentum = layer.momentum
+        layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))
+        layer.moving_variance.assign(layer.moving_variance * momentum + variance * (1.0 - momentum))
+    else:
+        outputs = tf.compat.v1.nn.fused_batch_norm(
+            inputs,
+            scale,
+            offset,
+            mean=tf.cast(layer.moving_mean, "float32"),
+            variance=tf.cast(layer.moving_variance, "float32"),
+            epsilon=layer.epsilon,
+            is_training=False,
+        )[0]
+    return tf.cast(outputs, layer.compute_dtype)
+
+
+def install() -> None:
+    """Register the kernels with ``models`` (idempotent)."""
+    from models.layers import register_batch_norm_kernel
+
+    register_batch_norm_kernel("tensorflow", fused_batch_norm)
