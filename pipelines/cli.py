@@ -184,6 +184,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _bench_output(families: list[str] | None, precisions: list[str] | None) -> str:
+    """Where a family bench writes by default: the whole bench to ``bench-families.json``
+    (the README table's source), a part of it beside it, never over it."""
+    if not families and not precisions:
+        return "benchmarks/results/bench-families.json"
+    parts = [*(families or ["families"]), *(precisions or [])]
+    return f"benchmarks/results/bench-{'-'.join(parts)}.json"
+
+
 def cmd_bench(args) -> int:
     _quiet_start()
     from pipelines.reports.bench import bench, bench_all
@@ -195,7 +204,7 @@ def cmd_bench(args) -> int:
                 tuple(args.precision or ("float32", "mixed_bfloat16")),
                 seconds=args.seconds,
                 peers=not args.no_peers,
-                output_json=args.output_json or "benchmarks/results/bench-families.json",
+                output_json=args.output_json or _bench_output(args.family, args.precision),
                 track=not args.no_log,
             )
             return 0

@@ -34,3 +34,14 @@ def test_unknown_family_is_refused():
 
     with pytest.raises(ValueError, match="--family 'lenet6'.*Accepted: lenet5"):
         bench.bench_all(["lenet6"], track=False)
+
+
+def test_a_partial_bench_does_not_overwrite_the_whole_benchs_results():
+    from pipelines.cli import _bench_output
+
+    assert _bench_output(None, None) == "benchmarks/results/bench-families.json"
+    assert _bench_output(["resnet50"], None) == "benchmarks/results/bench-resnet50.json"
+    assert (
+        _bench_output(None, ["mixed_bfloat16"])
+        == "benchmarks/results/bench-families-mixed_bfloat16.json"
+    )
