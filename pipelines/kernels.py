@@ -1,6 +1,7 @@
 """TensorFlow kernels behind backend-agnostic layers of ``models/`` (which may not import
-TensorFlow): ``install()`` registers them. ``runtime.configure`` and the loop install them, so
-every run, bench and test that trains through the pipelines computes with them.
+TensorFlow): ``install()`` registers them. ``runtime.configure`` (every run) and importing
+``pipelines.loop`` (every bench and test that trains through the loop) install them; the
+peer bench, which builds its models outside the loop, installs them itself.
 
 - ``fused_batch_norm``: ``models.layers.FusedBatchNormalization`` through ``FusedBatchNormV3``.
 """

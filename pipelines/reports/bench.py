@@ -378,10 +378,8 @@ def _network(model):
 
 
 def bench_family(family: str, precision: str, peak: float, seconds: float, overrides=()):
-    """One family in one precision: input pipeline alone, train steps, inference steps."""
-    from pipelines import kernels
-
-    kernels.install()
+    """One family in one precision: input pipeline alone, train steps, inference steps
+    (the fused kernels come with ``pipelines.loop``, imported below)."""
     import keras
     import tensorflow as tf
 
