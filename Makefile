@@ -5,6 +5,10 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 CONFIG ?= lenet5-digits
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core; 0 runs in one process). A test file stays on one worker,
+# so its module fixtures are built once.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 # (no TF_CPP_MIN_LOG_LEVEL here: `deeptrends` starts TensorFlow quietly by itself)
 
@@ -26,10 +30,10 @@ run: $(STAMP)
 
 # pytest exits 5 when it collected no tests; that is not a failed build.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(BIN)/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
