@@ -169,26 +169,23 @@ def prepare_quietly(make_builder):
 
     Returns the builder to read from: one made after the lock was taken, so a worker
     that waited while another prepared the data reads what is on disk now (a builder
-    made before reads its empty dataset info: "splits is empty")."""
+    made before may hold the empty dataset info: "splits is empty")."""
     import contextlib
     import fcntl
     import io
     import sys
 
-    builder = make_builder()
-
-    def written() -> bool:  # (builder.is_prepared() warns about a folder being written)
-        return (Path(str(builder.data_dir)) / "dataset_info.json").exists()
-
-    ready = written()  # the builder's dataset info was read from disk as it was now
+    builder = make_builder()  # (its folder names the lock)
     lock = Path(str(builder.data_dir)).parent / ".prepare.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     notices = io.StringIO()
     with open(lock, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            if not ready and written():  # another process prepared it meanwhile
-                builder = make_builder()  # read its dataset info afresh
+            # A builder reads its dataset info when it is made: one made before the lock
+            # may predate what another process wrote meanwhile (even if the file is there
+            # by the time it is checked), so the one read from is made under the lock.
+            builder = make_builder()
             with contextlib.redirect_stdout(notices):
                 builder.download_and_prepare()
         finally:

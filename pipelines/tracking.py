@@ -44,6 +44,28 @@ def _launcher_run_set_aside():
             os.environ["MLFLOW_RUN_ID"] = launcher
 
 
+# mlflow.set_tracking_uri / set_experiment also write these into os.environ (for child
+# processes). A run restores them when it ends: a later run in the same process (a claims
+# report, a test) or a child it starts (`mlflow run`) would otherwise inherit the last
+# run's store and experiment id in place of their own.
+_INHERITED_BY_CHILDREN = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+
+
+@contextlib.contextmanager
+def mlflow_environment_kept():
+    """Restores the MLflow variables of ``os.environ`` that ``set_tracking_uri`` and
+    ``set_experiment`` write, as they were on entry (unset ones unset)."""
+    before = {name: os.environ.get(name) for name in _INHERITED_BY_CHILDREN}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def tracking_uri(config: ExperimentConfig) -> str:
     return resolve_uri(config.tracking.uri)
 
@@ -226,6 +248,16 @@ class RunTracker:
         if not self.enabled:
             return self
         uri = tracking_uri(self.config)
+        self._alive = contextlib.ExitStack()
+        self._alive.enter_context(mlflow_environment_kept())
+        try:
+            self._start(uri)
+        except BaseException:
+            self._alive.close()
+            raise
+        return self
+
+    def _start(self, uri: str) -> None:
         with store_lock(uri):  # a fresh SQLite store is created (migrated) by one process
             mlflow.set_tracking_uri(uri)
             experiment = mlflow.set_experiment(self.config.experiment_name)
@@ -238,9 +270,7 @@ class RunTracker:
                 tags = self._launcher_tags(launcher)
                 run = mlflow.start_run(run_name=self.config.tracking.run_name, tags=tags)
         self.run_id = run.info.run_id
-        self._alive = contextlib.ExitStack()
         self._alive.enter_context(file_lock(self._run_lock(self.run_id)))
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.enabled and mlflow.active_run() is not None:

@@ -553,10 +553,17 @@ def _track(report: dict, output_json: str | None) -> None:
     measurement, the JSON as an artifact."""
     import mlflow
 
-    from pipelines.tracking import resolve_uri
+    from pipelines.tracking import mlflow_environment_kept, resolve_uri
 
-    mlflow.set_tracking_uri(resolve_uri())
-    mlflow.set_experiment("bench")
+    with mlflow_environment_kept():
+        mlflow.set_tracking_uri(resolve_uri())
+        mlflow.set_experiment("bench")
+        _log_bench_run(report, output_json)
+
+
+def _log_bench_run(report: dict, output_json: str | None) -> None:
+    import mlflow
+
     with mlflow.start_run(run_name="deeptrends bench"):
         mlflow.set_tags({"deeptrends.kind": "bench", "cpu": report["cpu"]})
         mlflow.log_params(

@@ -66,3 +66,24 @@ def test_processes_starting_together_on_an_empty_folder_all_read_it(tmp_path):
         assert p.returncode == 0, err[-2000:]
         assert out.split() == ["1437", "360"]
     assert sum("deeptrends: prepared" in err for _, err in outs) == 1  # prepared once
+
+
+def test_a_builder_made_before_another_process_prepared_is_not_read_from(tmp_path):
+    """The race behind "splits is empty", made deterministic: the first builder is made on
+    the empty folder, then another process prepares it (here, right after that builder
+    was made), and only then is the lock taken. What is returned reads the splits."""
+    from data.arrays import DeeptrendsDigits, prepare_quietly
+
+    made = []
+
+    def make():
+        builder = DeeptrendsDigits(data_dir=str(tmp_path))
+        made.append(builder)
+        if len(made) == 1:  # "another process" prepares between our builder and our lock
+            DeeptrendsDigits(data_dir=str(tmp_path)).download_and_prepare()
+        return builder
+
+    builder = prepare_quietly(make)
+    assert builder is not made[0]
+    assert builder.info.splits["train"].num_examples > 0
+    assert builder.info.splits["test"].num_examples > 0

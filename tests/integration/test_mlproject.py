@@ -58,7 +58,8 @@ def test_mlflow_run_trains_the_entry_point(tmp_path, tfds_dir):
         "PYTHONPATH": str(REPO),
         "DEEPTRENDS_TFDS_DIR": tfds_dir,
     }
-    env.pop("MLFLOW_RUN_ID", None)
+    for inherited in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(inherited, None)  # what an earlier test in this process may have left
     out = subprocess.run(
         [
             *(sys.executable, "-m", "mlflow", "run", "mlflow", "-e", "train"),

@@ -297,3 +297,20 @@ def test_cli_train_writes_summary_json(workspace, tmp_path):
     assert summary["model_version"] == "1" and summary["aliases"] == ["champion"]
     assert Path(summary["export_path"]).is_dir()
     assert '"run_id"' in proc.stdout  # the same summary is printed
+
+
+def test_a_run_leaves_the_mlflow_environment_as_it_found_it(workspace, tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri / set_experiment write MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_ID into os.environ; after a run they are as before, so a later run
+    in this process or a child it starts (`mlflow run`) is not sent to this run's store
+    and experiment."""
+    from pipelines.tracking import RunTracker
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    config = _config(workspace, f"tracking.uri=sqlite:///{tmp_path / 'own.db'}")
+    with RunTracker(config) as tracker:
+        assert os.environ.get("MLFLOW_EXPERIMENT_ID")  # MLflow's, while the run is open
+        assert tracker.run_id
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
