@@ -12,6 +12,15 @@ Two heads over the same stacked recurrent body:
   next token (logits over the vocabulary). ``stateful=True`` (with a fixed ``batch_size``)
   carries the hidden state from one chunk to the next, which is truncated BPTT over a
   long stream: gradients flow back ``T`` steps, the state flows forward without end.
+
+``chrono_init=T_max`` initialises the gates of an LSTM or GRU by the chrono
+initialisation (Tallec & Ollivier 2018, "Can recurrent neural networks warp time?",
+section 5): the forget-gate bias ``b_f ~ log(U(1, T_max - 1))`` and the input-gate bias
+``b_i = -b_f`` (LSTM), or the GRU's update-gate bias ``b_z ~ log(U(1, T_max - 1))``
+(Keras' GRU keeps ``z * h_{t-1}``). A unit then starts out remembering over time scales
+spread between 1 and ``T_max`` steps instead of the ~e steps of a forget bias of 1, which
+is what lets a gated cell leave the "predict the marginal" plateau of the copy-memory and
+adding problems at long lags. The simple RNN has no gate to initialise.
 """
 
 from __future__ import annotations
@@ -26,6 +35,49 @@ from models.checks import (
     check_positive_int,
 )
 from models.registry import register_model
+
+@keras.saving.register_keras_serializable(package="deeptrends")
+class ChronoBias(keras.initializers.Initializer):
+    """The chrono bias of an LSTM (``[4 * units]``) or a GRU (``[2, 3 * units]``).
+
+    Args:
+        cell: str. ``lstm`` or ``gru`` (the bias layout of Keras' cells: LSTM gates
+            ``i, f, c, o``; GRU rows ``input, recurrent`` of gates ``z, r, h``).
+        max_timescale: int. ``T_max`` (>= 2): the longest time scale to start with,
+            about the longest dependency the task has.
+        seed: int or None. The seed of the uniform draw.
+    """
+
+    def __init__(self, cell: str, max_timescale: int, seed: int | None = None):
+        check_choice("cell", cell, ("lstm", "gru"))
+        check_positive_int("chrono_init", max_timescale)
+        if max_timescale < 2:
+            raise ValueError(
+                f"`chrono_init` must be an int >= 2 (the longest time scale, in steps). "
+                f"Received: chrono_init={max_timescale!r}"
+            )
+        self.cell = cell
+        self.max_timescale = max_timescale
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        units = shape[-1] // (4 if self.cell == "lstm" else 3)
+        scale = keras.ops.log(
+            keras.random.uniform(
+                (units,), 1.0, float(max(self.max_timescale - 1, 2)), dtype=dtype, seed=self.seed
+            )
+        )
+        zeros = keras.ops.zeros((units,), dtype=dtype)
+        if self.cell == "lstm":  # i, f, c, o
+            return keras.ops.concatenate([-scale, scale, zeros, zeros])
+        gates = keras.ops.concatenate([scale, zeros, zeros])  # z, r, h
+        if len(shape) == 1:  # reset_after=False: one bias row
+            return gates
+        return keras.ops.stack([gates, keras.ops.zeros_like(gates)])
+
+    def get_config(self):
+        return {"cell": self.cell, "max_timescale": self.max_timescale, "seed": self.seed}
+
 
 CELLS = {"rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 HEADS = ("classification", "regression", "language_model")
@@ -59,6 +111,7 @@ def recurrent_network(
     recurrent_dropout: float = 0.0,
     stateful: bool = False,
     batch_size: int | None = None,
+    chrono_init: int | None = None,
     name: str | None = None,
 ):
     """Build an embedding (or dense) input -> stacked recurrent layers -> head model.
@@ -84,6 +137,8 @@ def recurrent_network(
         stateful: bool. Carry the final state of each batch into the next (truncated BPTT
             over a stream); needs ``batch_size``.
         batch_size: int or None. The fixed batch size of a stateful model.
+        chrono_init: int or None. ``T_max`` of the chrono gate initialisation (LSTM and GRU
+            only; see the module docstring); None keeps Keras' (forget bias 1, LSTM).
         name: str or None. The model name; default ``{cell}`` or ``{cell}_lm``.
     """
     check_choice("cell", cell, tuple(CELLS))
@@ -113,6 +168,16 @@ def recurrent_network(
         raise ValueError("A language model cannot be bidirectional. Received: bidirectional=True")
     if stateful:
         check_positive_int("batch_size", batch_size)
+    gate_init = {}
+    if chrono_init is not None:
+        if cell == "rnn":
+            raise ValueError(
+                "`chrono_init` initialises the gates of an LSTM or GRU; the simple RNN has "
+                f"none. Received: cell='rnn', chrono_init={chrono_init!r}"
+            )
+        gate_init = {"bias_initializer": ChronoBias(cell, chrono_init)}
+        if cell == "lstm":  # else Keras adds 1 to the forget bias
+            gate_init["unit_forget_bias"] = False
     name = name or (f"{cell}_lm" if lm else cell)
 
     batch = batch_size if stateful else None
@@ -136,6 +201,7 @@ def recurrent_network(
             dropout=dropout,
             recurrent_dropout=recurrent_dropout,
             stateful=stateful,
+            **gate_init,
         )
         if bidirectional:
             rnn = keras.layers.Bidirectional(rnn, name=f"bi{cell}_{i + 1}")

@@ -140,3 +140,46 @@ def test_seq2seq_without_attention_reads_the_summary_at_every_step():
 def test_bad_arguments_are_named(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.create_model(name, **kwargs)
+
+
+def test_chrono_init_spreads_the_gate_time_scales_between_1_and_t_max():
+    keras.utils.set_random_seed(0)
+    t_max, units = 120, 256
+    lstm = models.recurrent.recurrent_network(cell="lstm", input_dim=2, units=units, chrono_init=t_max)
+    bias = lstm.get_layer("lstm_1").cell.bias.numpy()
+    b_i, b_f, b_c, b_o = np.split(bias, 4)
+    assert np.all(b_f >= 0) and np.all(b_f <= np.log(t_max - 1) + 1e-6)
+    assert b_f.std() > 0.5  # spread over time scales, not Keras' constant forget bias 1
+    np.testing.assert_allclose(b_i, -b_f)
+    assert not b_c.any() and not b_o.any()
+
+    gru = models.recurrent.recurrent_network(cell="gru", input_dim=2, units=units, chrono_init=t_max)
+    bias = gru.get_layer("gru_1").cell.bias.numpy()  # [input, recurrent] x [z, r, h]
+    b_z = bias[0, :units]
+    assert np.all(b_z >= 0) and b_z.std() > 0.5
+    assert not bias[0, units:].any() and not bias[1].any()
+
+    default = models.recurrent.recurrent_network(cell="lstm", input_dim=2, units=units)
+    np.testing.assert_array_equal(np.split(default.get_layer("lstm_1").cell.bias.numpy(), 4)[1], 1.0)
+
+
+def test_chrono_init_survives_a_save_and_reload(tmp_path):
+    model = models.recurrent.recurrent_network(cell="lstm", head="language_model", vocab_size=11, units=8, chrono_init=70)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(
+        again.get_layer("lstm_1").cell.bias.numpy(), model.get_layer("lstm_1").cell.bias.numpy()
+    )
+
+
+@pytest.mark.parametrize(
+    ("cell", "value", "message"),
+    [
+        ("rnn", 50, "the simple RNN has none"),
+        ("lstm", 1, "int >= 2"),
+        ("gru", "long", "positive int"),
+    ],
+)
+def test_chrono_init_rejects_what_it_cannot_do(cell, value, message):
+    with pytest.raises(ValueError, match=message):
+        models.recurrent.recurrent_network(cell=cell, input_dim=2, chrono_init=value)
