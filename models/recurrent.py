@@ -36,6 +36,7 @@ from models.checks import (
 )
 from models.registry import register_model
 
+
 @keras.saving.register_keras_serializable(package="deeptrends")
 class ChronoBias(keras.initializers.Initializer):
     """The chrono bias of an LSTM (``[4 * units]``) or a GRU (``[2, 3 * units]``).

@@ -409,9 +409,10 @@ def claim_verdict(results: list[RuleResult]) -> tuple[str, str]:
 
 
 def _client(uri: str):
+    """A client on ``uri`` alone (``mlflow.set_tracking_uri`` would also write it into
+    ``os.environ`` for every later child process)."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
 
 

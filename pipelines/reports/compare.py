@@ -65,11 +65,12 @@ def _num(value):
 
 def _client(tracking_uri: str | None):
     """An MLflow client on ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the local
-    store (``tracking.resolve_uri``'s rule, without importing Keras for it)."""
+    store (``tracking.resolve_uri``'s rule, without importing Keras for it). Only the
+    client is set to it: ``mlflow.set_tracking_uri`` would also write the URI into
+    ``os.environ`` for every later child process."""
     import mlflow
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
 
 

@@ -17,6 +17,15 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w
 
 
 def export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | None = None) -> Path:
+    """Export ``model_uri`` (models:/NAME/VERSION or models:/NAME@ALIAS) under
+    ``serving_dir/NAME/VERSION``; the process's MLflow environment is left as found."""
+    from pipelines.tracking import mlflow_environment_kept
+
+    with mlflow_environment_kept():  # set_tracking_uri also writes os.environ
+        return _export_registered(model_uri, serving_dir, tracking_uri)
+
+
+def _export_registered(model_uri: str, serving_dir: Path, tracking_uri: str | None) -> Path:
     m = _URI.match(model_uri)
     if not m:
         raise ConfigError(

@@ -314,3 +314,21 @@ def test_a_run_leaves_the_mlflow_environment_as_it_found_it(workspace, tmp_path,
         assert tracker.run_id
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+
+
+def test_the_reports_and_the_re_export_leave_the_mlflow_environment_as_they_found_it(
+    tmp_path, monkeypatch
+):
+    """`deeptrends compare`, `report claims` and `export` read another store than the
+    environment names; afterwards MLFLOW_TRACKING_URI is as it was."""
+    from pipelines.config import ConfigError
+    from pipelines.reports import claims, compare
+    from pipelines.serving.reexport import export_registered
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    own = f"sqlite:///{tmp_path / 'own.db'}"
+    assert compare._client(own).tracking_uri == own
+    assert claims._client(own).tracking_uri == own
+    with pytest.raises(ConfigError, match="no-such-model"):
+        export_registered("models:/no-such-model/1", tmp_path / "serving", tracking_uri=own)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"

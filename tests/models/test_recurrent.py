@@ -145,7 +145,9 @@ def test_bad_arguments_are_named(name, kwargs, match):
 def test_chrono_init_spreads_the_gate_time_scales_between_1_and_t_max():
     keras.utils.set_random_seed(0)
     t_max, units = 120, 256
-    lstm = models.recurrent.recurrent_network(cell="lstm", input_dim=2, units=units, chrono_init=t_max)
+    lstm = models.recurrent.recurrent_network(
+        cell="lstm", input_dim=2, units=units, chrono_init=t_max
+    )
     bias = lstm.get_layer("lstm_1").cell.bias.numpy()
     b_i, b_f, b_c, b_o = np.split(bias, 4)
     assert np.all(b_f >= 0) and np.all(b_f <= np.log(t_max - 1) + 1e-6)
@@ -153,18 +155,24 @@ def test_chrono_init_spreads_the_gate_time_scales_between_1_and_t_max():
     np.testing.assert_allclose(b_i, -b_f)
     assert not b_c.any() and not b_o.any()
 
-    gru = models.recurrent.recurrent_network(cell="gru", input_dim=2, units=units, chrono_init=t_max)
+    gru = models.recurrent.recurrent_network(
+        cell="gru", input_dim=2, units=units, chrono_init=t_max
+    )
     bias = gru.get_layer("gru_1").cell.bias.numpy()  # [input, recurrent] x [z, r, h]
     b_z = bias[0, :units]
     assert np.all(b_z >= 0) and b_z.std() > 0.5
     assert not bias[0, units:].any() and not bias[1].any()
 
     default = models.recurrent.recurrent_network(cell="lstm", input_dim=2, units=units)
-    np.testing.assert_array_equal(np.split(default.get_layer("lstm_1").cell.bias.numpy(), 4)[1], 1.0)
+    np.testing.assert_array_equal(
+        np.split(default.get_layer("lstm_1").cell.bias.numpy(), 4)[1], 1.0
+    )
 
 
 def test_chrono_init_survives_a_save_and_reload(tmp_path):
-    model = models.recurrent.recurrent_network(cell="lstm", head="language_model", vocab_size=11, units=8, chrono_init=70)
+    model = models.recurrent.recurrent_network(
+        cell="lstm", head="language_model", vocab_size=11, units=8, chrono_init=70
+    )
     model.save(tmp_path / "m.keras")
     again = keras.models.load_model(tmp_path / "m.keras")
     np.testing.assert_array_equal(
