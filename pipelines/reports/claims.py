@@ -303,6 +303,13 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
+def _unit(observations: list[Observation], values: dict, metric: str) -> str:
+    """What the numbers behind a rule are: "round" when every one is a timing round
+    (status ``measured``), else "seed"."""
+    behind = [o for o in observations if o.variant in values and o.metrics.get(metric) is not None]
+    return "round" if behind and all(o.status == "measured" for o in behind) else "seed"
+
+
 def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
     """The rule's verdict on these observations, and why, in words."""
     lower = rule.expect == "lower"
@@ -311,6 +318,7 @@ def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
         for v in [*rule.variants_a(), *([rule.b] if rule.b else [])]
     }
     result = RuleResult(rule.name, NOT_RUN, "", rule.metric, values)
+    unit = _unit(observations, values, rule.metric)
     if rule.test == "threshold":
         sign = "<" if lower else ">"
         checks, missing = [], []
@@ -324,7 +332,7 @@ def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
             return result
         passed = sum(c[3] for c in checks)
         result.verdict = HOLDS if passed == len(checks) else FAILS if passed == 0 else MIXED
-        detail = "; ".join(f"{v} seed {s}: {_fmt(x)}" for v, s, x, _ in checks)
+        detail = "; ".join(f"{v} {unit} {s}: {_fmt(x)}" for v, s, x, _ in checks)
         result.why = (
             f"{passed} of {len(checks)} runs have {rule.metric} {sign} {rule.value:g} ({detail})"
         )
@@ -340,7 +348,7 @@ def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
         result.why = f"no paired runs of {rule.a} and {rule.b} with {rule.metric}"
         return result
     pairs = [(s, a[s], b[s]) for s in seeds]
-    detail = "; ".join(f"seed {s}: {_fmt(x)} vs {_fmt(y)}" for s, x, y in pairs)
+    detail = "; ".join(f"{unit} {s}: {_fmt(x)} vs {_fmt(y)}" for s, x, y in pairs)
     if rule.test == "every_seed":
         sign = "<" if lower else ">"
         ok = [(x < y - rule.margin) if lower else (x > y + rule.margin) for _, x, y in pairs]
@@ -348,7 +356,7 @@ def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
         result.verdict = HOLDS if n == len(ok) else FAILS if n == 0 else MIXED
         margin = f" by more than {rule.margin:g}" if rule.margin else ""
         result.why = (
-            f"{rule.a} {sign} {rule.b}{margin} on {rule.metric} in {n} of {len(ok)} seeds "
+            f"{rule.a} {sign} {rule.b}{margin} on {rule.metric} in {n} of {len(ok)} {unit}s "
             f"({detail})"
         )
         return result
@@ -368,7 +376,7 @@ def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
         result.why = (
             f"relative difference ({rule.a} - {rule.b}) / {rule.b} on {rule.metric}: mean "
             f"{diffs.mean():+.3f}, 95% bootstrap interval [{lo:+.3f}, {hi:+.3f}] against "
-            f"+-{rule.margin:g} over {len(diffs)} seeds ({detail})"
+            f"+-{rule.margin:g} over {len(diffs)} {unit}s ({detail})"
         )
         return result
     diffs = np.array([x - y for _, x, y in finite])
@@ -381,7 +389,7 @@ def decide(rule: Rule, observations: list[Observation]) -> RuleResult:
     result.verdict = HOLDS if good else FAILS if bad else MIXED
     result.why = (
         f"{rule.a} - {rule.b} on {rule.metric}: mean {diffs.mean():+.4g}, 95% bootstrap "
-        f"interval [{lo:+.4g}, {hi:+.4g}] over {len(diffs)} seeds ({detail})"
+        f"interval [{lo:+.4g}, {hi:+.4g}] over {len(diffs)} {unit}s ({detail})"
     )
     return result
 
@@ -608,7 +616,9 @@ def _json_key(data: dict, key: str):
 def measure_recurrent_step_time(quick: bool = False) -> list[Observation]:
     """Seconds per training step of the LSTM and the GRU alone: the same batch (32),
     length (35), embedding and units as ``claim-lstm-vs-gru``'s language models, timed
-    alternately in this process (rounds = "seeds"), after a warm-up."""
+    alternately in this process after a warm-up. Each round is one ``measured``
+    observation (its ``seed`` is the round's number; tables and rules call it a round).
+    ``num_params`` comes from the trained runs, not from here."""
     import keras
 
     import models
@@ -638,7 +648,7 @@ def measure_recurrent_step_time(quick: bool = False) -> list[Observation]:
                 Observation(
                     f"lm-{cell}",
                     r + 1,
-                    {"seconds_per_step_alone": seconds, "num_params": float(net.count_params())},
+                    {"seconds_per_step_alone": seconds},
                     status="measured",
                     source=f"timed alone, batch {batch} x {length}, vocab {vocab}",
                 )
@@ -953,14 +963,23 @@ def decide_claim(
     )
 
 
+def _runs_cell(obs: list[Observation]) -> str:
+    """``3 (finished)``; timing rounds counted apart: ``3 (finished) + 5 timing rounds``."""
+    runs = [o for o in obs if o.status != "measured"]
+    rounds = len(obs) - len(runs)
+    cell = f"{len(runs)} ({', '.join(sorted({o.status for o in runs}))})" if runs else ""
+    if rounds:
+        cell += f"{' + ' if cell else ''}{rounds} timing round{'s' if rounds > 1 else ''}"
+    return cell
+
+
 def table_rows(result: ClaimResult) -> tuple[list[str], list[list[Any]]]:
     """A row per variant: for each metric the mean, the 95% t interval and the seeds."""
     header = ["variant", "runs", *result.table_metrics]
     rows = []
     for v in result.variants:
         obs = [o for o in result.observations if o.variant == v]
-        status = ", ".join(sorted({o.status for o in obs}))
-        row: list[Any] = [v, f"{len(obs)} ({status})"]
+        row: list[Any] = [v, _runs_cell(obs)]
         for m in result.table_metrics:
             vals = list(series(result.observations, v, m).values())
             if not vals:

@@ -143,6 +143,38 @@ def test_every_seed_holds_fails_mixed():
     assert C.decide(rule, _obs("a", {7: 0.1}) + b).verdict == C.NOT_RUN
 
 
+def test_timing_rounds_are_rounds_not_seeds():
+    """claim-lstm-vs-gru: 3 trained seeds carry num_params, 5 timing rounds carry the step
+    time. The table counts them apart; the rules name rounds only where the values are
+    rounds, and num_params has the 3 seeds' values, not the rounds'."""
+    claim = C.load_claim("claim-lstm-vs-gru")
+    obs = []
+    for v, params, step in (("lm-gru", 1.066e6, 0.037), ("lm-lstm", 1.164e6, 0.044)):
+        obs += [
+            C.Observation(v, s, {"num_params": params, "eval_perplexity": 80.0 + s})
+            for s in (1, 2, 3)
+        ]
+        obs += [
+            C.Observation(v, r, {"seconds_per_step_alone": step}, status="measured")
+            for r in (1, 2, 3, 4, 5)
+        ]
+    rules = {r.metric: C.decide(r, obs) for r in claim.spec.rules}
+    assert rules["num_params"].verdict == C.HOLDS
+    assert "in 3 of 3 seeds" in rules["num_params"].why and "round" not in rules["num_params"].why
+    step = rules["seconds_per_step_alone"]
+    assert step.verdict == C.HOLDS and "in 5 of 5 rounds" in step.why and "round 5:" in step.why
+    assert "seed" not in step.why
+    with tempfile.TemporaryDirectory() as tmp:
+        result = C.decide_claim(claim, obs, Path(tmp))
+    header, rows = C.table_rows(result)
+    runs = {row[0]: row[1] for row in rows}
+    assert runs == {v: "3 (finished) + 5 timing rounds" for v in ("lm-gru", "lm-lstm")}
+    cells = dict(zip(header, next(r for r in rows if r[0] == "lm-gru"), strict=True))
+    # mean [interval] (the 3 seeds' values): no timing round among them
+    assert cells["num_params"].split("(")[1].rstrip(")").split(", ") == ["1.066e+06"] * 3
+    assert len(cells["seconds_per_step_alone"].split("(")[1].split(", ")) == 5
+
+
 def test_bootstrap_holds_fails_mixed():
     rule = _rule(test="bootstrap")
     b = _obs("b", {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
