@@ -378,7 +378,38 @@ def _one_step_function(model, strategy, step_fn, jit_compile: bool):
 _STEP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+_XLA_OFF_WARNED: set[int] = set()  # strategies already warned about (once per run)
+
+
+def _xla_usable(strategy, jit_compile: bool) -> bool:
+    """``jit_compile`` unless the strategy mirrors the step over several CPU devices of one
+    process (virtual CPUs): XLA cannot compile a replica's step whose variables sit on
+    another CPU device there (TensorFlow's known issue "tf.Variable on a different
+    device"), so the step runs as a plain ``tf.function``, with a warning. One device per
+    worker (multi-worker, one CPU each) and GPUs keep XLA."""
+    if not jit_compile:
+        return False
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # the default strategy has none: one device
+        devices = []
+    if len(devices) > 1 and all("CPU" in d.upper() for d in devices):
+        if id(strategy) in _XLA_OFF_WARNED:
+            return False
+        _XLA_OFF_WARNED.add(id(strategy))
+        log.warning(
+            "runtime.jit_compile is off for this run: %s mirrors the step over %d CPU "
+            "devices, which XLA cannot compile (tf.Variable on a different device); the "
+            "numbers are the same, only slower",
+            type(strategy).__name__,
+            len(devices),
+        )
+        return False
+    return True
+
+
 def _step_functions(model, strategy, jit_compile: bool):
+    jit_compile = _xla_usable(strategy, jit_compile) if jit_compile else False
     key = (strategy, jit_compile, _trace_key(model))
     cache = _STEP_CACHE.setdefault(model, {})
     if key not in cache:
