@@ -911,7 +911,7 @@ def decide_claim(
     metrics = list(
         dict.fromkeys([*(r.metric for r in spec.rules), *spec.plot.bars, *spec.plot.across])
     )
-    if spec.measure:
+    if spec.measure and "seconds_per_step_alone" not in metrics:  # a rule may name it already
         metrics.append("seconds_per_step_alone")
     figures = []
     folder = out / "figures"

@@ -167,6 +167,7 @@ def test_timing_rounds_are_rounds_not_seeds():
     with tempfile.TemporaryDirectory() as tmp:
         result = C.decide_claim(claim, obs, Path(tmp))
     header, rows = C.table_rows(result)
+    assert len(header) == len(set(header))  # the step time once, though a rule names it too
     runs = {row[0]: row[1] for row in rows}
     assert runs == {v: "3 (finished) + 5 timing rounds" for v in ("lm-gru", "lm-lstm")}
     cells = dict(zip(header, next(r for r in rows if r[0] == "lm-gru"), strict=True))

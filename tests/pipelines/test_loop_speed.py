@@ -137,3 +137,31 @@ def test_steps_per_execution_must_be_positive():
             verbose=0,
             steps_per_execution=0,
         )
+
+
+def test_xla_stays_on_one_device_and_is_off_over_virtual_cpus(caplog):
+    """``runtime.jit_compile``: kept on one device (the default strategy) and on one device
+    per worker; off, with one warning per strategy, where a strategy mirrors the step over
+    several CPU devices of a process (XLA cannot compile it there; the end-to-end case is
+    ``claim-long-dependencies`` in ``test_distribution``'s mirrored families)."""
+    assert loop._xla_usable(tf.distribute.get_strategy(), True)
+    assert not loop._xla_usable(tf.distribute.get_strategy(), False)
+
+    class _Extended:
+        def __init__(self, devices):
+            self.worker_devices = devices
+
+    class _Mirrored:
+        def __init__(self, devices):
+            self.extended = _Extended(devices)
+
+    cpu = "/job:localhost/replica:0/task:0/device:CPU:{}"
+    two_cpus = _Mirrored((cpu.format(0), cpu.format(1)))
+    with caplog.at_level("WARNING", logger="pipelines.loop"):
+        assert not loop._xla_usable(two_cpus, True)
+        assert not loop._xla_usable(two_cpus, True)
+    warned = [r for r in caplog.records if "jit_compile" in r.getMessage()]
+    assert len(warned) == 1 and "2 CPU devices" in warned[0].getMessage()
+    gpu = "/job:localhost/replica:0/task:0/device:GPU:{}"
+    assert loop._xla_usable(_Mirrored((gpu.format(0), gpu.format(1))), True)
+    assert loop._xla_usable(_Mirrored((cpu.format(0),)), True)
