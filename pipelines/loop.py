@@ -409,7 +409,7 @@ def _xla_usable(strategy, jit_compile: bool) -> bool:
 
 
 def _step_functions(model, strategy, jit_compile: bool):
-    jit_compile = _xla_usable(strategy, jit_compile) if jit_compile else False
+    jit_compile = _xla_usable(strategy, jit_compile)
     key = (strategy, jit_compile, _trace_key(model))
     cache = _STEP_CACHE.setdefault(model, {})
     if key not in cache:
