@@ -43,6 +43,7 @@ from models.checks import (
     check_bool,
     check_choice,
     check_dropout,
+    check_non_negative_int,
     check_non_negative_number,
     check_optional_positive_int,
     check_positive_int,
@@ -143,6 +144,11 @@ class CaptionDecoder(keras.layers.Layer):
         annotation_dropout: float. In training, the rate at which whole annotation
             channels are dropped (the same channels at every location, for the initial
             state and the attention alike: ``SpatialDropout1D``); 0 (the paper) drops none.
+        image_dropout: float. In training, the rate at which a caption's whole image is
+            dropped (its annotations zeroed, not rescaled: the decoder then reads no image,
+            as a language model, for that caption); 0 (the paper) drops none. Conditioning
+            dropout: it keeps the decoder a language model of its own, so the image adds
+            to what the words already say instead of standing in for it.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class CaptionDecoder(keras.layers.Layer):
         attention_penalty: float,
         annotation_norm: str,
         annotation_dropout: float = 0.0,
+        image_dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -185,6 +192,12 @@ class CaptionDecoder(keras.layers.Layer):
             keras.layers.SpatialDropout1D(annotation_dropout, name="annotation_dropout")
             if annotation_dropout
             else None
+        )
+        self.image_dropout = check_dropout(image_dropout, "image_dropout")
+        # Keras' seeded Dropout draws the mask of each caption (noise over [B, 1, 1]); the
+        # kept ones are not rescaled (see ``encode``)
+        self.image_drop = (
+            keras.layers.Dropout(image_dropout, name="image_dropout") if image_dropout else None
         )
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
@@ -223,6 +236,11 @@ class CaptionDecoder(keras.layers.Layer):
         else the annotations again), initial states [h0, c0] from the mean annotation)."""
         if self.norm is not None:
             annotations = self.norm(annotations, training=training)
+        if self.image_drop is not None:
+            # Dropout gives 0 or 1 / (1 - rate) in training and 1 otherwise: capped at 1, a
+            # kept image reads as it is, in training as at inference
+            keep = self.image_drop(ops.ones_like(annotations[:, :1, :1]), training=training)
+            annotations = annotations * ops.minimum(keep, 1.0)
         if self.feature_dropout is not None:
             annotations = self.feature_dropout(annotations, training=training)
         mean = ops.mean(annotations, axis=1)
@@ -317,6 +335,7 @@ class CaptionDecoder(keras.layers.Layer):
             "attention_penalty": self.attention_penalty,
             "annotation_norm": self.annotation_norm,
             "annotation_dropout": self.annotation_dropout,
+            "image_dropout": self.image_dropout,
         }
 
 
@@ -350,6 +369,8 @@ class Captioner(keras.Model):
         max_decode_length: int | None,
         ban_unknown: bool,
         annotation_dropout: float = 0.0,
+        image_dropout: float = 0.0,
+        no_repeat_ngram: int = 0,
         **kwargs,
     ):
         check_choice("normalization", normalization, NORMALIZATIONS)
@@ -357,6 +378,7 @@ class Captioner(keras.Model):
         check_non_negative_number("length_penalty", length_penalty)
         check_optional_positive_int("max_decode_length", max_decode_length)
         check_bool("ban_unknown", ban_unknown)
+        check_non_negative_int("no_repeat_ngram", no_repeat_ngram)
         if backbone_kwargs is not None and not isinstance(backbone_kwargs, dict):
             raise ValueError(
                 "`backbone_kwargs` must be a dict or None. "
@@ -381,6 +403,7 @@ class Captioner(keras.Model):
             attention_penalty=attention_penalty,
             annotation_norm=annotation_norm,
             annotation_dropout=annotation_dropout,
+            image_dropout=image_dropout,
             name="decoder",
         )
         normalize = ImageNormalization(normalization, name="normalization")
@@ -414,10 +437,12 @@ class Captioner(keras.Model):
         self.attention_penalty = float(attention_penalty)
         self.annotation_norm = annotation_norm
         self.annotation_dropout = float(annotation_dropout)
+        self.image_dropout = float(image_dropout)
         self.beam_width = beam_width
         self.length_penalty = float(length_penalty)
         self.max_decode_length = max_decode_length
         self.ban_unknown = ban_unknown
+        self.no_repeat_ngram = int(no_repeat_ngram)
 
     # -- encoder ------------------------------------------------------------------------
     def annotate(self, images, training=False):
@@ -452,10 +477,12 @@ class Captioner(keras.Model):
             "attention_penalty": self.attention_penalty,
             "annotation_norm": self.annotation_norm,
             "annotation_dropout": self.annotation_dropout,
+            "image_dropout": self.image_dropout,
             "beam_width": self.beam_width,
             "length_penalty": self.length_penalty,
             "max_decode_length": self.max_decode_length,
             "ban_unknown": self.ban_unknown,
+            "no_repeat_ngram": self.no_repeat_ngram,
         }
 
     @classmethod
@@ -479,10 +506,12 @@ def captioner(
     attention_penalty: float = 1.0,
     annotation_norm: str = "batch",
     annotation_dropout: float = 0.0,
+    image_dropout: float = 0.0,
     beam_width: int = 3,
     length_penalty: float = 0.0,
     max_decode_length: int | None = None,
     ban_unknown: bool = False,
+    no_repeat_ngram: int = 0,
     name: str = "captioner",
 ) -> Captioner:
     """Build an image captioner, its weights created (Xu et al. 2015; Vinyals et al. 2015).
@@ -508,11 +537,15 @@ def captioner(
         annotation_norm: str. ``batch``, ``layer`` or ``none`` (see ``CaptionDecoder``).
         annotation_dropout: float. Channel dropout on the annotations in training (see
             ``CaptionDecoder``; 0 in the paper).
+        image_dropout: float. The rate at which a caption's whole image is dropped in
+            training (conditioning dropout, see ``CaptionDecoder``; 0 in the paper).
         beam_width: int. Generation default: 1 greedy, more beam search.
         length_penalty: float. Generation default: the GNMT length-penalty exponent.
         max_decode_length: int or None. Generation default: the most words; None lets the
             serving model pick from the training captions.
         ban_unknown: bool. Generation default: never generate ``[UNK]``.
+        no_repeat_ngram: int. Generation default: never repeat an n-gram of this length
+            within a caption (``pipelines/decoding.py``); 0 blocks nothing.
         name: str. The model name.
     """
     return Captioner(
@@ -531,10 +564,12 @@ def captioner(
         attention_penalty=attention_penalty,
         annotation_norm=annotation_norm,
         annotation_dropout=annotation_dropout,
+        image_dropout=image_dropout,
         beam_width=beam_width,
         length_penalty=length_penalty,
         max_decode_length=max_decode_length,
         ban_unknown=ban_unknown,
+        no_repeat_ngram=no_repeat_ngram,
         name=name,
     )
 

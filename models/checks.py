@@ -43,6 +43,13 @@ def check_optional_positive_int(name: str, value: Any) -> int | None:
     return value
 
 
+def check_non_negative_int(name: str, value: Any) -> int:
+    """Raise unless ``value`` is an int >= 0."""
+    if not _is_int(value) or value < 0:
+        raise _fail(name, "an int >= 0", value)
+    return value
+
+
 def check_positive_ints(name: str, values: Any) -> tuple[int, ...]:
     """Raise unless ``values`` is a non-empty list or tuple of ints >= 1; return a tuple."""
     items = tuple(values) if isinstance(values, (list, tuple)) else None

@@ -373,6 +373,7 @@ class ImageCaptioner(TextDecoder):
                 beam_width=beam_width,
                 length_penalty=length_penalty,
                 banned=self.banned(),
+                no_repeat_ngram=int(getattr(self.captioner, "no_repeat_ngram", 0) or 0),
             )
             if attention is None:
                 attention = tf.zeros([tf.shape(ids)[0], tf.shape(ids)[1], locations])
@@ -593,14 +594,21 @@ class CaptioningTask(Task):
     def uses_cache(self) -> bool:
         return self.options.encoder == "frozen" and self.options.cache_features
 
-    def network(self, vocab_size: int):
-        """A fresh network of the config, its encoder pretrained and frozen as asked."""
+    def network(self, vocab_size: int, blind: bool = False):
+        """A fresh network of the config, its encoder pretrained and frozen as asked. The
+        blind model's decoder is given no image, so it has none to drop: its image and
+        annotation dropout are off (the rest of the decoder is the config's)."""
         cfg, size = self.config, self.image_size()
+        kwargs = cfg.model.kwargs()
+        if blind:
+            kwargs.update(
+                {key: 0.0 for key in ("image_dropout", "annotation_dropout") if key in kwargs}
+            )
         network = models.create_model(
             cfg.model.name,
             vocab_size=vocab_size,
             input_shape=(size, size, 3),
-            **cfg.model.kwargs(),
+            **kwargs,
         )
         if self.options.pretrained == "hed_vgg16":
             load_hed_vgg16(network.encoder)
@@ -682,7 +690,7 @@ class CaptioningTask(Task):
 
     def build_model(self, inputs: Inputs, blind: bool = False):
         info: CaptionInfo = inputs.info
-        network = self.network(info.vocab_size)
+        network = self.network(info.vocab_size, blind=blind)
         record: CaptionRecord = inputs.data
         if record.encoder_weights:  # the encoder that computed the cached annotations
             network.encoder.load_weights(record.encoder_weights)
@@ -781,6 +789,7 @@ class CaptioningTask(Task):
             "decode.beam_width": str(served.beam_width),
             "decode.length_penalty": str(served.length_penalty),
             "decode.ban_unknown": str(bool(network.ban_unknown)),
+            "decode.no_repeat_ngram": str(network.no_repeat_ngram),
             "captions.tokenizer": notes.get("tokenizer", ""),
             "captions.metrics": "pycocoevalcap 1.2 (BLEU closest, METEOR 1.5, ROUGE-L, CIDEr-D)",
         }

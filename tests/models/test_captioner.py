@@ -160,3 +160,29 @@ def test_annotation_dropout_drops_whole_channels_in_training_only():
     with pytest.raises(ValueError, match="annotation_dropout"):
         models.create_model("show_attend_tell", **{**SMALL, "annotation_dropout": 1.5})
     assert models.create_model("show_attend_tell", **SMALL).decoder.feature_dropout is None
+
+
+def test_image_dropout_zeroes_whole_images_in_training_only_without_rescaling():
+    keras.utils.set_random_seed(0)
+    model = models.create_model(
+        "show_attend_tell", **{**SMALL, "annotation_norm": "none", "image_dropout": 0.5}
+    )
+    decoder = model.decoder
+    annotations = np.random.default_rng(0).uniform(1, 2, (64, 6, model.grid[-1]))
+    annotations = annotations.astype("float32")
+    dropped, _, states = decoder.encode(annotations, training=True)
+    dropped = np.asarray(dropped)
+    gone = np.all(dropped == 0, axis=(1, 2))
+    # a caption's image is dropped whole, or kept exactly as it is (no 1 / (1 - rate))
+    np.testing.assert_array_equal(dropped[~gone], annotations[~gone])
+    assert 16 <= gone.sum() <= 48  # about half of 64
+    # a dropped image starts the decoder where an image of zeros does
+    blank = np.asarray(decoder.init_h(np.zeros((1, model.grid[-1]), "float32")))
+    np.testing.assert_allclose(np.asarray(states[0])[gone], np.repeat(blank, gone.sum(), 0))
+    kept, _, _ = decoder.encode(annotations, training=False)
+    np.testing.assert_array_equal(np.asarray(kept), annotations)
+    assert model.get_config()["image_dropout"] == 0.5
+    assert decoder.get_config()["image_dropout"] == 0.5
+    with pytest.raises(ValueError, match="image_dropout"):
+        models.create_model("show_attend_tell", **{**SMALL, "image_dropout": 1.0})
+    assert models.create_model("show_attend_tell", **SMALL).decoder.image_drop is None

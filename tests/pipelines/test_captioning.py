@@ -41,6 +41,8 @@ def tiny_config(folder, work, model=None, **sections):
             "units": 32,
             "attention_units": 16,
             "dropout": 0.2,
+            "image_dropout": 0.25,  # the shipped config's options, so export and resume see them
+            "no_repeat_ngram": 3,
             "beam_width": 3,
             **(model or {}),
         },
@@ -105,6 +107,17 @@ def test_config_checks(folder, tmp_path):
     with pytest.raises(ConfigError, match="'spice' is not a metric"):
         check_config(config)
     check_config(tiny_config(folder, tmp_path))
+
+
+def test_blind_network_has_no_image_to_drop(folder, tmp_path):
+    config = tiny_config(folder, tmp_path, model={"image_dropout": 0.5, "annotation_dropout": 0.3})
+    task = CaptioningTask(RunContext(config))
+    captioner = task.network(vocab_size=20)
+    assert (captioner.image_dropout, captioner.annotation_dropout) == (0.5, 0.3)
+    blind = task.network(vocab_size=20, blind=True)
+    assert (blind.image_dropout, blind.annotation_dropout) == (0.0, 0.0)
+    assert blind.decoder.image_drop is None and blind.decoder.feature_dropout is None
+    assert blind.dropout == captioner.dropout == 0.2  # the rest is the config's
 
 
 def test_cached_annotations_and_streams(trained, tmp_path):
