@@ -34,7 +34,7 @@ def row(tag: str, data: dict) -> list[str]:
         f"`{tag}`",
         ", ".join(data.get("overrides") or []) or "as shipped",
         str(data.get("epochs_done", "-")),
-        f"{m['loss']:.2f} / {m['blind_loss']:.2f}" if "blind_loss" in m else f"{m['loss']:.2f}",
+        f"{m['loss']:.3f} / {m['blind_loss']:.3f}" if "blind_loss" in m else f"{m['loss']:.3f}",
         *scores,
         vs_blind,
     ]
