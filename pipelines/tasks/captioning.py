@@ -16,10 +16,12 @@ training picks one of the two views at random per caption (with a trained encode
 
 Evaluation, on the test images (all their references): BLEU-1..4, METEOR, ROUGE-L and
 CIDEr-D through pycocoevalcap (``pipelines/evaluation/captions.py``) for the model's
-decoding (beam search with its ``beam_width`` and ``length_penalty``) and greedy decoding;
+decoding (beam search with its ``beam_width``, ``length_penalty``, ``ban_unknown`` and
+``no_repeat_ngram``) and greedy decoding (the same bans);
 bootstrap 95 % intervals over the images for BLEU-4 and CIDEr-D; in the same run and on
 the same images two baselines: ``blind`` (the same decoder trained on the same captions
-for the same budget with no image: a language model) and ``nearest_neighbour`` (caption
+for the same budget with no image, so with no image or annotation dropout either: a language
+model) and ``nearest_neighbour`` (caption
 retrieval in the encoder's feature space), with the paired bootstrap interval of the
 difference captioner - baseline. ``loss`` is the teacher-forced cross-entropy per word on
 the validation captions (no penalty), comparable between every variant and the blind model.
