@@ -15,7 +15,7 @@ output; the rest is shared:
 - An image captioner: ``image_bytes`` -> ``captions``, its ``prepare`` decoding and
   resizing the images as the image signatures do.
 
-Decoding defaults (``beam_width``, ``length_penalty``) are the network's attributes (its
+Decoding defaults (``beam_width``, ``length_penalty``, ``no_repeat_ngram``) are the network's attributes (its
 builder's arguments), as keras-hub keeps generation settings with the model. The same
 ``tf.function`` (``generate_fn``) computes the evaluation metrics in process and is the
 exported signature, so the served texts are the evaluated ones.
@@ -122,6 +122,11 @@ class TextDecoder(keras.Model):
     def length_penalty(self) -> float:
         return float(getattr(self.step_network(), "length_penalty", 0.0) or 0.0)
 
+    @property
+    def no_repeat_ngram(self) -> int:
+        """The network's n-gram blocking (``pipelines/decoding.py``); 0 where it has none."""
+        return int(getattr(self.step_network(), "no_repeat_ngram", 0) or 0)
+
     def detokenize(self, ids):
         """target ids [B, T] -> string [B]; padding, [START] and [END] print as nothing."""
         words = tf.gather(tf.constant(output_words(self.target_vocabulary)), ids)
@@ -138,6 +143,7 @@ class TextDecoder(keras.Model):
             beam_width=beam_width,
             length_penalty=length_penalty,
             banned=self.banned_ids,
+            no_repeat_ngram=self.no_repeat_ngram,
         )
 
     def generate_fn(self, beam_width: int | None = None, length_penalty: float | None = None):

@@ -375,7 +375,7 @@ class ImageCaptioner(TextDecoder):
                 beam_width=beam_width,
                 length_penalty=length_penalty,
                 banned=self.banned(),
-                no_repeat_ngram=int(getattr(self.captioner, "no_repeat_ngram", 0) or 0),
+                no_repeat_ngram=self.no_repeat_ngram,
             )
             if attention is None:
                 attention = tf.zeros([tf.shape(ids)[0], tf.shape(ids)[1], locations])
@@ -791,7 +791,7 @@ class CaptioningTask(Task):
             "decode.beam_width": str(served.beam_width),
             "decode.length_penalty": str(served.length_penalty),
             "decode.ban_unknown": str(bool(network.ban_unknown)),
-            "decode.no_repeat_ngram": str(network.no_repeat_ngram),
+            "decode.no_repeat_ngram": str(served.no_repeat_ngram),
             "captions.tokenizer": notes.get("tokenizer", ""),
             "captions.metrics": "pycocoevalcap 1.2 (BLEU closest, METEOR 1.5, ROUGE-L, CIDEr-D)",
         }
