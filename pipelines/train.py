@@ -344,6 +344,7 @@ def run_params(config: ExperimentConfig, effective: ExperimentConfig, inputs, st
         "derived.learning_rate": effective.train.learning_rate,
         "derived.steps_per_epoch": inputs.steps_per_epoch,
         "derived.mixed_precision": runtime.resolve_mixed_precision(config.runtime.mixed_precision),
+        "derived.onednn": runtime.onednn_enabled(),
     }
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from pipelines.runtime import prefer_onednn  # noqa: E402  (before any test imports TensorFlow)
+
+prefer_onednn()  # the kernels `deeptrends` runs
 REPO = Path(__file__).resolve().parents[1]
 
 

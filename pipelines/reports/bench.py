@@ -377,20 +377,20 @@ def _network(model):
     return model
 
 
-def bench_family(family: str, precision: str, peak: float, seconds: float, overrides=()):
-    """One family in one precision: input pipeline alone, train steps, inference steps
-    (the fused kernels come with ``pipelines.loop``, imported below)."""
+def build_family(family: str, precision: str, overrides=()):
+    """``(config, strategy, inputs, model)`` of a family's shipped config in ``precision``,
+    built as ``deeptrends train`` builds them (the global policy is left at ``precision``;
+    the caller sets it back)."""
     import keras
     import tensorflow as tf
 
-    from pipelines import loop, runtime
+    from pipelines import runtime
     from pipelines.config import load_config
     from pipelines.tasks.base import RunContext, get_task
     from pipelines.train import build_model
 
-    config_name, unit = FAMILIES[family]
     config = load_config(
-        config_name,
+        FAMILIES[family][0],
         [f"runtime.mixed_precision={precision}", "tracking.enabled=false", *overrides],
     )
     keras.backend.clear_session()
@@ -399,7 +399,18 @@ def bench_family(family: str, precision: str, peak: float, seconds: float, overr
     context = RunContext(config, 1, 0, 0, chief=True, strategy=strategy)
     task = get_task(config.task)(context)
     inputs = task.build_inputs()
-    model = build_model(task, inputs, context)
+    return config, strategy, inputs, build_model(task, inputs, context)
+
+
+def bench_family(family: str, precision: str, peak: float, seconds: float, overrides=()):
+    """One family in one precision: input pipeline alone, train steps, inference steps
+    (the fused kernels come with ``pipelines.loop``, imported below)."""
+    import keras
+
+    from pipelines import loop
+
+    config_name, unit = FAMILIES[family]
+    config, strategy, inputs, model = build_family(family, precision, overrides)
 
     # the input pipeline alone
     it = iter(inputs.train)
@@ -472,6 +483,8 @@ def bench_all(
 
     import tensorflow as tf
 
+    from pipelines import runtime
+
     names = list(families or FAMILIES)
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
@@ -483,6 +496,7 @@ def bench_all(
         "cpu": _cpu_name(),
         "machine": platform.machine(),
         "threads": tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count(),
+        "onednn": runtime.onednn_enabled(),
         "load_average_1m_start": load_start,
         "seconds_per_measurement": seconds,
         "matmul_peak_gflops": {},
@@ -570,6 +584,7 @@ def _log_bench_run(report: dict, output_json: str | None) -> None:
             {
                 "seconds_per_measurement": report["seconds_per_measurement"],
                 "load_average_1m_start": round(report["load_average_1m_start"], 2),
+                "onednn": report.get("onednn"),
             }
         )
         metrics = {f"matmul_peak_gflops.{k}": v for k, v in report["matmul_peak_gflops"].items()}

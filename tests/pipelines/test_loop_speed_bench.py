@@ -45,3 +45,44 @@ def test_a_partial_bench_does_not_overwrite_the_whole_benchs_results():
         _bench_output(None, ["mixed_bfloat16"])
         == "benchmarks/results/bench-families-mixed_bfloat16.json"
     )
+
+
+def test_the_host_and_graph_costs_split_from_two_execution_sizes():
+    from pipelines.reports.profile import split_costs
+
+    # t_N = S + H / N with S = 3 ms, H = 0.9 ms
+    host, graph = split_costs(3.9, 3.09, 10)
+    assert host == pytest.approx(0.9) and graph == pytest.approx(3.0)
+    assert split_costs(3.0, 3.2, 10) == (0.0, 3.0)  # noise: the larger execution was slower
+    with pytest.raises(ValueError, match="n must be > 1"):
+        split_costs(3.0, 3.0, 1)
+
+
+def test_op_types_are_summed_in_classes():
+    from pipelines.reports.profile import op_class
+
+    assert op_class("Conv2DBackpropFilter") == op_class("_MklNativeFusedConv2D") == "convolution"
+    assert op_class("_MklMatMul") == op_class("BatchMatMulV2") == "matmul"
+    assert op_class("MaxPoolGrad") == "pooling"
+    assert op_class("AssignSubVariableOp") == op_class("ResourceApplyAdam") == "optimizer"
+    assert op_class("Tanh") == "other"
+
+
+@pytest.mark.slow
+def test_step_profile_of_a_family_times_splits_and_traces(tfds_dir):
+    from pipelines.reports.profile import format_profile, profile_family
+
+    p = profile_family("lenet5", steps_per_execution=(5,), steps=10, rounds=1)
+    assert p.steps_per_execution == [1, 5] and min(p.ms_per_step.values()) > 0
+    assert p.host_ms_per_call >= 0 and p.graph_ms_per_step > 0
+    assert p.ceiling >= 1.0
+    trace = p.trace
+    assert trace["steps"] == 10 and trace["calls"] == 10  # traced at one step per execution
+    # LeNet-5's step is its convolutions: their forward and backward kernels are in the trace
+    assert trace["by_class"]["convolution"] > 0
+    assert any("Conv2DBackpropFilter" in op for op in trace["op_us"])
+    assert not {"While", "PartitionedCall", "StatefulPartitionedCall"} & set(trace["op_us"])
+    text = format_profile(p)
+    assert "host per call H" in text and "convolution" in text
+    with pytest.raises(ValueError, match="steps_per_execution must be >= 1"):
+        profile_family("lenet5", steps_per_execution=(0,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipelines import runtime
@@ -71,3 +73,44 @@ def test_auto_is_logged_resolved_as_a_derived_param(monkeypatch):
     params = train.run_params(config, config, Inputs(), Strategy())
     assert params["runtime.mixed_precision"] == "auto"
     assert params["derived.mixed_precision"] == "resolved-auto"
+
+
+def test_onednn_is_preferred_on_x86_unless_the_environment_says(monkeypatch):
+    import platform
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    runtime.prefer_onednn()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # the user's choice stands
+    runtime.prefer_onednn()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # TensorFlow's own default there
+    runtime.prefer_onednn()
+    assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ
+
+
+def test_the_run_logs_whether_onednn_runs(monkeypatch):
+    from pipelines import train
+    from pipelines.config import load_config
+
+    class Strategy:
+        num_replicas_in_sync = 1
+
+    class Inputs:
+        steps_per_epoch = 7
+
+    config = load_config("lenet5-digits", [])
+    params = train.run_params(config, config, Inputs(), Strategy())
+    assert params["derived.onednn"] is runtime.onednn_enabled()
+    if platform_is_x86() and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1":
+        assert params["derived.onednn"] is True  # the test session's TensorFlow runs it
+
+
+def platform_is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
