@@ -632,3 +632,29 @@ def markdown_table(report: dict) -> str:
         f"{report['load_average_1m_start']:.2f} -> {report['load_average_1m_end']:.2f}."
     )
     return "\n".join(lines)
+
+
+def comparison_table(before: dict, after: dict, labels: tuple[str, str]) -> str:
+    """Train and inference rates of the families two ``bench_all`` reports share (same
+    family and precision), with ``after`` / ``before``: e.g. oneDNN off and on."""
+    key = lambda r: (r["family"], r["precision"])  # noqa: E731
+    old = {key(r): r for r in before["families"]}
+    a, b = labels
+    lines = [
+        f"| family | precision | train /s {a} | train /s {b} | {b} / {a} "
+        f"| inference /s {a} | inference /s {b} | {b} / {a} |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in after["families"]:
+        o = old.get(key(r))
+        if o is None:
+            continue
+        unit = "tok" if r["unit"] == "tokens" else "img"
+        lines.append(
+            f"| {r['family']} ({r['config']}) | {r['precision']} "
+            f"| {o['train_per_s']:.1f} {unit} | {r['train_per_s']:.1f} {unit} "
+            f"| {r['train_per_s'] / o['train_per_s']:.2f}x "
+            f"| {o['infer_per_s']:.1f} {unit} | {r['infer_per_s']:.1f} {unit} "
+            f"| {r['infer_per_s'] / o['infer_per_s']:.2f}x |"
+        )
+    return "\n".join(lines)
