@@ -76,9 +76,9 @@ def prefer_onednn() -> None:
     """Run TensorFlow's oneDNN CPU kernels on every x86-64 CPU, unless the environment
     sets ``TF_ENABLE_ONEDNN_OPTS`` (``0`` keeps TensorFlow's Eigen kernels).
 
-    TensorFlow turns oneDNN on by itself only where the CPU has AVX512-VNNI, AVX512-BF16,
-    AVX-VNNI or AMX; elsewhere (an AVX2-only CPU) its own Eigen convolutions run, and the
-    shipped LeNet-5's training step takes 1.6x as long (README, "Speed"). Must run before
+    TensorFlow turns oneDNN on by itself only where the CPU has neural-network instructions
+    (AVX512-VNNI, AVX512-BF16, AMX); elsewhere (an AVX2-only CPU) its own Eigen convolutions
+    run, and the shipped LeNet-5 trains 1.6-1.9x slower (README, "Speed"). Must run before
     TensorFlow is imported: it reads the variable once."""
     import platform
 
