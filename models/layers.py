@@ -39,6 +39,24 @@ def register_batch_norm_kernel(backend: str, kernel) -> None:
     _BATCH_NORM_KERNELS[backend] = kernel
 
 
+# Local response normalisation kernels by Keras backend: ``kernel(layer, x) -> y`` for a
+# float32 channels-last rank-4 ``x``; pipelines/kernels.py registers TensorFlow's ``LRN``.
+_LRN_KERNELS: dict = {}
+
+
+def register_lrn_kernel(backend: str, kernel) -> None:
+    """Let ``LocalResponseNormalization`` compute through ``kernel`` on Keras backend
+    ``backend``.
+
+    Args:
+        backend: str. A ``keras.backend.backend()`` name, e.g. ``tensorflow``.
+        kernel: callable. ``kernel(layer, x)``: the layer's normalisation of the float32
+            channels-last rank-4 ``x`` (with ``layer.size``, ``alpha``, ``beta``, ``k``),
+            in float32.
+    """
+    _LRN_KERNELS[backend] = kernel
+
+
 @keras.saving.register_keras_serializable(package="deeptrends")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` computed by the backend's fused kernel where one
@@ -223,6 +241,12 @@ class LocalResponseNormalization(keras.layers.Layer):
     with ``depth_radius=n // 2, bias=k``. Computed in float32 so squares of activations
     cannot overflow under mixed precision. Channels last.
 
+    For rank-4 inputs the backend's kernel computes it where one is registered
+    (``register_lrn_kernel``; TensorFlow's ``LRN`` and ``LRNGrad`` ops, from
+    ``pipelines.kernels``): one op per direction instead of the composite below (a square,
+    a pad, ``n`` channel slices and their sum, a power and a division, each with its
+    gradient), with the same results to float round-off.
+
     Args:
         size: int. ``n``, the (odd) number of adjacent channels summed over; 5 in the paper.
         alpha: float. The scale of the sum; 1e-4 in the paper.
@@ -241,6 +265,9 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     def call(self, inputs):
         x = keras.ops.cast(inputs, "float32")
+        kernel = _LRN_KERNELS.get(keras.backend.backend())
+        if kernel is not None and len(x.shape) == 4:
+            return keras.ops.cast(kernel(self, x), inputs.dtype)
         channels = x.shape[-1]
         half = self.size // 2
         padded = keras.ops.pad(keras.ops.square(x), [[0, 0]] * (len(x.shape) - 1) + [[half, half]])

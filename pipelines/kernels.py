@@ -4,6 +4,8 @@ TensorFlow): ``install()`` registers them. ``runtime.configure`` (every run) and
 peer bench, which builds its models outside the loop, installs them itself.
 
 - ``fused_batch_norm``: ``models.layers.FusedBatchNormalization`` through ``FusedBatchNormV3``.
+- ``local_response_normalization``: ``models.layers.LocalResponseNormalization`` (AlexNet,
+  GoogLeNet) through ``LRN`` / ``LRNGrad``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,20 @@ def fused_batch_norm(layer, inputs, training: bool):
     return tf.cast(outputs, layer.compute_dtype)
 
 
+def local_response_normalization(layer, x):
+    """``layer``'s (a ``LocalResponseNormalization``) output for the float32 channels-last
+    rank-4 ``x``: TensorFlow's ``LRN`` op, whose ``depth_radius`` is half the window and
+    whose ``alpha`` multiplies the sum undivided, as the layer's."""
+    import tensorflow as tf
+
+    return tf.nn.local_response_normalization(
+        x, depth_radius=layer.size // 2, bias=layer.k, alpha=layer.alpha, beta=layer.beta
+    )
+
+
 def install() -> None:
     """Register the kernels with ``models`` (idempotent)."""
-    from models.layers import register_batch_norm_kernel
+    from models.layers import register_batch_norm_kernel, register_lrn_kernel
 
     register_batch_norm_kernel("tensorflow", fused_batch_norm)
+    register_lrn_kernel("tensorflow", local_response_normalization)

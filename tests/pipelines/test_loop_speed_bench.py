@@ -86,3 +86,25 @@ def test_step_profile_of_a_family_times_splits_and_traces(tfds_dir):
     assert "host per call H" in text and "convolution" in text
     with pytest.raises(ValueError, match="steps_per_execution must be >= 1"):
         profile_family("lenet5", steps_per_execution=(0,))
+
+
+@pytest.mark.slow
+def test_lrn_bench_alternates_composite_and_kernel(tmp_path, mnist_dir, tfds_dir):
+    import importlib.util
+    from pathlib import Path
+
+    import models.layers
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lrn.py"
+    spec = importlib.util.spec_from_file_location("bench_lrn", script)
+    bench_lrn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_lrn)
+    out = tmp_path / "lrn.json"
+    argv = ["--family", "alexnet", "--rounds", "1", "--seconds", "0.1", "--output", str(out)]
+    assert bench_lrn.main(argv) == 0
+    entry = json.loads(out.read_text())["families"]["alexnet"]
+    assert entry["config"] == "alexnet-mnist"
+    for key in ("train_per_s", "infer_per_s"):
+        assert min(entry[key]["composite"], entry[key]["kernel"]) > 0
+        assert entry[key]["kernel_over_composite"] > 0
+    assert "tensorflow" in models.layers._LRN_KERNELS  # the kernel is back for what runs next
