@@ -39,7 +39,7 @@ MODES = ("composite", "kernel")
 def _set_mode(mode: str) -> None:
     kernels.install()
     if mode == "composite":
-        models.layers._LRN_KERNELS.clear()
+        models.layers._KERNELS.pop(("lrn", "tensorflow"), None)
 
 
 def main(argv=None) -> int:

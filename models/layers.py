@@ -21,46 +21,39 @@ class ChannelPReLU(keras.layers.PReLU):
         super().build(input_shape)
 
 
-# Fused BatchNorm kernels by Keras backend: ``kernel(layer, inputs, training) -> outputs``.
-# Backend code does not live in models/ (backend-agnostic Keras); pipelines/kernels.py
-# registers TensorFlow's.
-_BATCH_NORM_KERNELS: dict = {}
+# Backend kernels behind layers of this module, by (layer kind, Keras backend). Backend code
+# does not live in models/ (backend-agnostic Keras); pipelines/kernels.py registers
+# TensorFlow's. Kinds and their signatures:
+# - "batch_norm": ``kernel(layer, inputs, training) -> outputs`` for channels-last rank-4
+#   ``inputs``, updating the moving statistics as Keras' ``BatchNormalization`` does when
+#   ``training`` is true (``FusedBatchNormalization``);
+# - "lrn": ``kernel(layer, x) -> y`` for a float32 channels-last rank-4 ``x``, in float32
+#   (``LocalResponseNormalization``).
+KERNEL_KINDS = ("batch_norm", "lrn")
+_KERNELS: dict = {}
 
 
-def register_batch_norm_kernel(backend: str, kernel) -> None:
-    """Let ``FusedBatchNormalization`` compute through ``kernel`` on Keras backend ``backend``.
-
-    Args:
-        backend: str. A ``keras.backend.backend()`` name, e.g. ``tensorflow``.
-        kernel: callable. ``kernel(layer, inputs, training)``: the layer's output for a
-            channels-last rank-4 ``inputs``, updating the layer's moving statistics as Keras'
-            ``BatchNormalization`` does when ``training`` is true.
-    """
-    _BATCH_NORM_KERNELS[backend] = kernel
-
-
-# Local response normalisation kernels by Keras backend: ``kernel(layer, x) -> y`` for a
-# float32 channels-last rank-4 ``x``; pipelines/kernels.py registers TensorFlow's ``LRN``.
-_LRN_KERNELS: dict = {}
-
-
-def register_lrn_kernel(backend: str, kernel) -> None:
-    """Let ``LocalResponseNormalization`` compute through ``kernel`` on Keras backend
-    ``backend``.
+def register_kernel(kind: str, backend: str, kernel) -> None:
+    """Let the layers of ``kind`` compute through ``kernel`` on Keras backend ``backend``.
 
     Args:
+        kind: str. One of ``KERNEL_KINDS``; the comment above gives each one's signature.
         backend: str. A ``keras.backend.backend()`` name, e.g. ``tensorflow``.
-        kernel: callable. ``kernel(layer, x)``: the layer's normalisation of the float32
-            channels-last rank-4 ``x`` (with ``layer.size``, ``alpha``, ``beta``, ``k``),
-            in float32.
+        kernel: callable.
     """
-    _LRN_KERNELS[backend] = kernel
+    check_choice("kind", kind, KERNEL_KINDS)
+    _KERNELS[(kind, backend)] = kernel
+
+
+def _kernel(kind: str):
+    """The kernel of ``kind`` registered for the running Keras backend, or None."""
+    return _KERNELS.get((kind, keras.backend.backend()))
 
 
 @keras.saving.register_keras_serializable(package="deeptrends")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` computed by the backend's fused kernel where one
-    is registered (``register_batch_norm_kernel``; TensorFlow's ``FusedBatchNormV3``, oneDNN
+    is registered (``register_kernel("batch_norm", ...)``; TensorFlow's ``FusedBatchNormV3``, oneDNN
     on CPU, from ``pipelines.kernels``) for channels-last rank-4 inputs: the same weights,
     moving-statistics update (biased batch variance, as Keras) and results to float
     round-off, in one op per direction instead of Keras' composite of moments and
@@ -75,7 +68,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """
 
     def call(self, inputs, training=None, mask=None):
-        kernel = _BATCH_NORM_KERNELS.get(keras.backend.backend())
+        kernel = _kernel("batch_norm")
         fusable = (
             kernel is not None
             and mask is None
@@ -242,7 +235,7 @@ class LocalResponseNormalization(keras.layers.Layer):
     cannot overflow under mixed precision. Channels last.
 
     For rank-4 inputs the backend's kernel computes it where one is registered
-    (``register_lrn_kernel``; TensorFlow's ``LRN`` and ``LRNGrad`` ops, from
+    (``register_kernel("lrn", ...)``; TensorFlow's ``LRN`` and ``LRNGrad`` ops, from
     ``pipelines.kernels``): one op per direction instead of the composite below (a square,
     a pad, ``n`` channel slices and their sum, a power and a division, each with its
     gradient), with the same results to float round-off.
@@ -265,7 +258,7 @@ class LocalResponseNormalization(keras.layers.Layer):
 
     def call(self, inputs):
         x = keras.ops.cast(inputs, "float32")
-        kernel = _LRN_KERNELS.get(keras.backend.backend())
+        kernel = _kernel("lrn")
         if kernel is not None and len(x.shape) == 4:
             return keras.ops.cast(kernel(self, x), inputs.dtype)
         channels = x.shape[-1]

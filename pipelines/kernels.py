@@ -57,7 +57,7 @@ def local_response_normalization(layer, x):
 
 def install() -> None:
     """Register the kernels with ``models`` (idempotent)."""
-    from models.layers import register_batch_norm_kernel, register_lrn_kernel
+    from models.layers import register_kernel
 
-    register_batch_norm_kernel("tensorflow", fused_batch_norm)
-    register_lrn_kernel("tensorflow", local_response_normalization)
+    register_kernel("batch_norm", "tensorflow", fused_batch_norm)
+    register_kernel("lrn", "tensorflow", local_response_normalization)

@@ -111,7 +111,7 @@ def test_without_a_registered_kernel_it_is_keras_batch_norm(monkeypatch):
     # before pipelines.kernels.install) the layer is Keras' own, with the same results.
     import models.layers
 
-    monkeypatch.setattr(models.layers, "_BATCH_NORM_KERNELS", {})
+    monkeypatch.setattr(models.layers, "_KERNELS", {})
     shape = (4, 3, 3, 2)
     ours, theirs = _pair(shape)
     x = tf.random.stateless_normal(shape, seed=(7, 8))

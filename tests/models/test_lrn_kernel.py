@@ -20,7 +20,7 @@ kernels.install()  # TensorFlow's LRN (models/ itself may not import TensorFlow)
 @pytest.fixture
 def composite(monkeypatch):
     """The layer as it computes on a backend without a registered kernel."""
-    monkeypatch.setattr(models.layers, "_LRN_KERNELS", {})
+    monkeypatch.setattr(models.layers, "_KERNELS", {})
 
 
 def _paper(x, n=5, k=2.0, alpha=1e-4, beta=0.75):
@@ -62,7 +62,7 @@ def test_kernel_gives_the_composites_outputs_and_gradients(monkeypatch):
     layer = LocalResponseNormalization()
     y_kernel, g_kernel = _value_and_grad(layer, x)
     with monkeypatch.context() as m:
-        m.setattr(models.layers, "_LRN_KERNELS", {})
+        m.setattr(models.layers, "_KERNELS", {})
         y_comp, g_comp = _value_and_grad(layer, x)
     np.testing.assert_allclose(y_kernel, y_comp, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(g_kernel, g_comp, rtol=1e-5, atol=1e-6)
@@ -112,3 +112,8 @@ def test_kernel_compiles_with_xla():
     y_ref, g_ref = _value_and_grad(layer, x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_kernel_kind_is_refused():
+    with pytest.raises(ValueError, match="kind"):
+        models.layers.register_kernel("layer_norm", "tensorflow", lambda layer, x: x)
